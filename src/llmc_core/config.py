@@ -1,0 +1,334 @@
+"""The run config: the ModelTC/llmc YAML schema, validated strictly.
+
+``load(path, overrides)`` reads the YAML, applies dotted overrides, expands environment variables,
+validates every section (plugin sections against the plugin the section names) and checks the
+rules that span sections, all before any model loads. Every problem becomes one line of an
+:class:`~llmc_core.errors.LlmcError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, create_model
+
+from llmc_core.api import StrictModel
+from llmc_core.errors import ConfigSyntaxError, LlmcError, did_you_mean
+from llmc_core.paths import expand_vars, looks_like_hub_id, resolve_package_path
+from llmc_core.plugins import PluginManager, get_manager
+from llmc_core.quant.spec import QuantSpec
+
+SECTIONS = ("base", "model", "calib", "eval", "quant", "save", "opencompass")
+POSITIONS = ("pretrain", "transformed", "fake_quant")
+QUANTIZED_POSITIONS = ("transformed", "fake_quant")
+PATH_KEYS = ("path", "tokenizer_path", "save_path", "cfg_path", "output_path", "scale_path", "clip_path", "python")
+
+
+class BaseSection(StrictModel):
+    """``base``: run-wide settings."""
+
+    seed: int = 42
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class CalibSection(StrictModel):
+    """``calib``: where calibration samples come from and how they are cut."""
+
+    name: str
+    download: bool = False
+    path: str | None = None
+    n_samples: int = Field(default=128, gt=0)
+    bs: int = Field(default=-1, ge=-1)
+    seq_len: int = Field(default=512, gt=0)
+    preproc: str = "pileval_awq"
+    seed: int = 42
+
+
+class EvalSection(StrictModel):
+    """``eval``: the fields every evaluator's config has; evaluators subclass it."""
+
+    eval_pos: list[Literal["pretrain", "transformed", "fake_quant"]] = Field(default_factory=lambda: ["pretrain", "fake_quant"])
+    type: str = "ppl"
+    name: str
+    download: bool = False
+    path: str | None = None
+
+
+class QuantSection(StrictModel):
+    """``quant``: the method, the weight spec, and the method's own ``special`` options (raw here)."""
+
+    method: str
+    weight: dict[str, Any]
+    special: dict[str, Any] = Field(default_factory=dict)
+    quant_out: bool = False
+
+
+@dataclass
+class RunConfig:
+    """The validated config: one typed object per section, plugin classes already resolved."""
+
+    source: str
+    raw: dict[str, Any]
+    base: BaseSection
+    model: BaseModel
+    model_family: type
+    calib: CalibSection | None = None
+    evals: list[tuple[type, BaseModel]] = field(default_factory=list)
+    quant: QuantSection | None = None
+    method: type | None = None
+    weight: QuantSpec | None = None
+    special: BaseModel | None = None
+    save: BaseModel | None = None
+    savers: list[type] = field(default_factory=list)
+    extras: dict[str, tuple[type, BaseModel]] = field(default_factory=dict)
+
+    def positions(self) -> set[str]:
+        return {p for _, e in self.evals for p in e.eval_pos}
+
+    @property
+    def save_path(self) -> Path | None:
+        return Path(self.save.save_path) if self.save is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise LlmcError(f"Config file not found: {p}. Pass the path of a YAML config (see configs/).")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigSyntaxError(f"{where}: {problem}. Fix the YAML (indentation, a missing ':' or quote).") from exc
+    if not isinstance(data, dict):
+        raise LlmcError(f"{p}: the config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}.")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
+    """Apply ``a.b.c=value`` overrides in place; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LlmcError(f"Override '{item}' is not of the form section.key=value (e.g. eval.num_samples=3).")
+        parts = key.split(".")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[int(part)] if part.isdigit() and int(part) < len(node) else None
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise LlmcError(f"Override '{item}': {'.'.join(parts[: i + 1])} is not a section.")
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            parsed = value
+        if isinstance(node, list):
+            for section in node:  # eval.x=... on a list of eval sections sets it on each
+                section[parts[-1]] = parsed
+        else:
+            node[parts[-1]] = parsed
+
+
+def _expand(node: Any, where: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, f"{where}.{i}") for i, v in enumerate(node)]
+    if isinstance(node, str):
+        value = expand_vars(node, where)
+        if where.rsplit(".", 1)[-1] in PATH_KEYS:
+            value = str(Path(resolve_package_path(value, where)).expanduser()) if value else value
+        return value
+    return node
+
+
+# ---------------------------------------------------------------------------------------------
+# validating
+# ---------------------------------------------------------------------------------------------
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def validate(self, model: type[BaseModel], data: Any, where: str) -> Any:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.add(f"{where}: expected a mapping of keys, got {type(data).__name__} ({data!r}).")
+            return None
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            for err in exc.errors():
+                self.add(_render(err, model, where))
+            return None
+
+
+def _render(err: dict[str, Any], model: type[BaseModel], where: str) -> str:
+    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
+    key = f"{where}.{loc}" if loc else where
+    if err["type"] == "extra_forbidden":
+        allowed = sorted(model.model_fields) if len(err["loc"]) == 1 else []
+        hint = did_you_mean(str(err["loc"][-1]), allowed)
+        listing = f" Allowed keys: {', '.join(allowed)}." if allowed else ""
+        return f"{key}: unknown key.{hint}{listing}"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing."
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {msg}{shown}"
+
+
+def _save_model(manager: PluginManager) -> type[BaseModel]:
+    """The ``save`` schema: common keys plus one ``save_<name>`` flag per registered saver."""
+    flags: dict[str, Any] = {f"save_{name}": (bool, False) for name in manager.names("saver")}
+    return create_model(
+        "SaveSection",
+        __base__=StrictModel,
+        save_path=(str, ...),
+        overwrite=(bool, False),
+        **flags,
+    )
+
+
+def validate(data: dict[str, Any], source: str = "<config>", manager: PluginManager | None = None) -> RunConfig:
+    """Validate a raw config mapping; raise one :class:`LlmcError` listing every problem."""
+    manager = manager or get_manager()
+    data = _expand(data, "")
+    problems = _Problems()
+    for key in data:
+        if key not in SECTIONS:
+            problems.add(f"{key}: unknown section.{did_you_mean(key, SECTIONS)} Sections: {', '.join(SECTIONS)}.")
+    base = problems.validate(BaseSection, data.get("base"), "base") or BaseSection()
+
+    model_raw = data.get("model")
+    family = model_cfg = None
+    if not isinstance(model_raw, dict) or "type" not in model_raw:
+        problems.add("model: a model section with 'type' and 'path' is required (e.g. type: Llama).")
+    else:
+        family = _lookup(manager, problems, "model", model_raw["type"], "model.type")
+        if family is not None:
+            model_cfg = problems.validate(family.Config, model_raw, "model")
+
+    calib = problems.validate(CalibSection, data["calib"], "calib") if data.get("calib") is not None else None
+    if calib is not None:
+        _lookup(manager, problems, "dataset", calib.name, "calib.name")
+        _lookup(manager, problems, "preproc", calib.preproc, "calib.preproc")
+
+    evals = []
+    raw_evals = data.get("eval")
+    raw_evals = [] if raw_evals is None else raw_evals if isinstance(raw_evals, list) else [raw_evals]
+    for i, ev in enumerate(raw_evals):
+        where = "eval" if not isinstance(data.get("eval"), list) else f"eval.{i}"
+        kind = ev.get("type", "ppl") if isinstance(ev, dict) else "ppl"
+        evaluator = _lookup(manager, problems, "evaluator", kind, f"{where}.type")
+        if evaluator is None:
+            continue
+        cfg = problems.validate(evaluator.Config, ev, where)
+        if cfg is not None:
+            evals.append((evaluator, cfg))
+            if getattr(evaluator, "uses_dataset", True):
+                _lookup(manager, problems, "dataset", cfg.name, f"{where}.name")
+
+    quant = problems.validate(QuantSection, data["quant"], "quant") if data.get("quant") is not None else None
+    method = weight = special = None
+    if quant is not None:
+        method = _lookup(manager, problems, "method", quant.method, "quant.method")
+        weight = problems.validate(QuantSpec, quant.weight, "quant.weight")
+        if method is not None:
+            special = problems.validate(method.Config, quant.special, "quant.special")
+
+    save = problems.validate(_save_model(manager), data["save"], "save") if data.get("save") is not None else None
+    savers = [manager.get("saver", n, "save") for n in manager.names("saver") if save is not None and getattr(save, f"save_{n}")]
+
+    cfg = RunConfig(source, data, base, model_cfg, family, calib, evals, quant, method, weight, special, save, savers)
+    if data.get("opencompass") is not None:
+        step = _lookup(manager, problems, "evaluator", "opencompass", "opencompass")
+        if step is not None:
+            oc = problems.validate(step.Config, data["opencompass"], "opencompass")
+            if oc is not None:
+                cfg.extras["opencompass"] = (step, oc)
+    if not problems.lines:
+        _cross_section_rules(cfg, problems)
+    if problems.lines:
+        raise LlmcError(*problems.lines)
+    return cfg
+
+
+def _lookup(manager: PluginManager, problems: _Problems, kind: str, name: Any, where: str) -> type | None:
+    try:
+        return manager.get(kind, str(name), where)
+    except LlmcError as exc:
+        problems.lines.extend(exc.problems)
+        return None
+
+
+def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
+    needs_quant = sorted(cfg.positions() & set(QUANTIZED_POSITIONS))
+    if needs_quant and cfg.quant is None:
+        problems.add(f"eval.eval_pos: {', '.join(needs_quant)} needs a quant section (or remove it from eval_pos).")
+    if cfg.method is not None and cfg.method.needs_calibration and cfg.calib is None:
+        problems.add(f"calib: quant.method '{cfg.quant.method}' needs calibration data; add a calib section (e.g. name: pileval, path: ...).")
+    if cfg.quant is not None and cfg.quant.quant_out and "transformed" in cfg.positions():
+        problems.add("quant.quant_out: true quantizes blocks during calibration, so eval_pos 'transformed' cannot be measured; remove one of them.")
+    for saver in cfg.savers:
+        if saver.position != "transformed" and cfg.quant is None:
+            problems.add(f"save.save_{saver.name}: needs a quant section (there is nothing quantized to save).")
+        else:
+            try:
+                saver().check(cfg)
+            except LlmcError as exc:
+                problems.lines.extend(exc.problems)
+    if cfg.save is not None:
+        _check_output_folder(cfg, problems)
+    _check_paths(cfg, problems)
+    for step, options in cfg.extras.values():
+        try:
+            step().check(cfg, options)
+        except LlmcError as exc:
+            problems.lines.extend(exc.problems)
+
+
+def _check_output_folder(cfg: RunConfig, problems: _Problems) -> None:
+    out = cfg.save_path
+    if out.exists() and not out.is_dir():
+        problems.add(f"save.save_path: {out} exists and is a file. Choose a folder path.")
+    elif out.exists() and any(out.iterdir()) and not cfg.save.overwrite:
+        problems.add(f"save.save_path: {out} already exists and is not empty. Choose a new path, or set save.overwrite: true to replace what llmc wrote there.")
+
+
+def _check_paths(cfg: RunConfig, problems: _Problems) -> None:
+    mpath = getattr(cfg.model, "path", None)
+    if mpath and not Path(mpath).exists() and not looks_like_hub_id(mpath):
+        problems.add(f"model.path: {mpath} does not exist. Give a Hugging Face model folder, a .gguf file, or pkg:<package>/<file>.")
+    sections: list[tuple[str, Any]] = [("calib", cfg.calib)] if cfg.calib is not None else []
+    sections += [(f"eval.{i}" if len(cfg.evals) > 1 else "eval", e) for i, (ev, e) in enumerate(cfg.evals) if getattr(ev, "uses_dataset", True)]
+    for where, sec in sections:
+        path, download = getattr(sec, "path", None), getattr(sec, "download", False)
+        if path and not Path(path).exists() and not download:
+            problems.add(f"{where}.path: {path} does not exist. Point it at the data (see ../shared/data/README.md), or set {where}.download: true.")
+        elif not path and not download:
+            problems.add(f"{where}.path: required when {where}.download is false. Give the data file or folder, or set download: true.")
+
+
+def load(path: str | Path, overrides: list[str] | None = None, manager: PluginManager | None = None) -> RunConfig:
+    """Read, override, expand and validate the config at ``path``."""
+    data = read_yaml(path)
+    apply_overrides(data, overrides or [])
+    return validate(data, str(path), manager)

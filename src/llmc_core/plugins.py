@@ -1,0 +1,191 @@
+"""The plugin manager: entry points, one registry per kind, clear errors.
+
+Discovery is lazy: nothing is loaded until :func:`get_manager` is first called. Built-in plugins
+come through the ``llmc`` entry-point group like any other package; when llmc runs from a source
+tree that was never installed, :data:`llmc_plugins.DEFAULT_PLUGINS` is the fallback.
+``LLMC_DISABLE_PLUGIN_AUTOLOAD=1`` loads only llmc's own plugins.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from llmc_core import hookspecs
+from llmc_core.errors import LlmcError, unknown_name
+
+GROUP = "llmc"
+OWN_DISTRIBUTION = "llmc"
+KINDS = {
+    "model": "llmc_register_models",
+    "dataset": "llmc_register_datasets",
+    "preproc": "llmc_register_preprocs",
+    "method": "llmc_register_methods",
+    "evaluator": "llmc_register_evaluators",
+    "saver": "llmc_register_savers",
+}
+# What a kind is called in error messages ("Unknown quant method 'x' at quant.method").
+KIND_LABELS = {"model": "model type", "method": "quant method"}
+
+
+@dataclass
+class Entry:
+    """One registered plugin class and where it came from."""
+
+    kind: str
+    name: str
+    cls: type
+    plugin: str
+    distribution: str
+
+
+@dataclass
+class PluginManager:
+    """Wraps pluggy's manager with per-kind registries keyed by lower-case name."""
+
+    pm: pluggy.PluginManager
+    sources: dict[str, str] = field(default_factory=dict)  # pluggy plugin name -> distribution
+    _registries: dict[str, dict[str, Entry]] | None = None
+
+    # -- registration -------------------------------------------------------------------------
+
+    def register_module(self, module: Any, name: str, distribution: str) -> None:
+        """Register a plugin object (usually a module) under ``name``."""
+        if self.pm.has_plugin(name) or self.pm.is_registered(module):
+            return
+        self.pm.register(module, name=name)
+        self.sources[name] = distribution
+        self._registries = None
+
+    def unregister(self, name: str) -> None:
+        """Remove a plugin by name (tests register plugins in-process and clean up this way)."""
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None:
+            self.pm.unregister(plugin, name=name)
+        self.sources.pop(name, None)
+        self._registries = None
+
+    # -- registries ---------------------------------------------------------------------------
+
+    def registries(self) -> dict[str, dict[str, Entry]]:
+        if self._registries is None:
+            self._registries = self._collect()
+        return self._registries
+
+    def _collect(self) -> dict[str, dict[str, Entry]]:
+        regs: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        for kind, hook_name in KINDS.items():
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                distribution = self.sources.get(impl.plugin_name, "unknown")
+
+                def register(cls: type, _kind=kind, _impl=impl, _dist=distribution) -> None:
+                    self._add(regs[_kind], _kind, cls, _impl.plugin_name, _dist)
+
+                impl.function(register=register)
+        return regs
+
+    @staticmethod
+    def _add(reg: dict[str, Entry], kind: str, cls: type, plugin: str, distribution: str) -> None:
+        name = getattr(cls, "name", "")
+        if not name:
+            raise LlmcError(f"Plugin '{plugin}' ({distribution}) registered a {kind} class {cls.__qualname__} without a 'name'.")
+        for key in (name, *getattr(cls, "aliases", ())):
+            key = key.lower()
+            if key in reg and reg[key].cls is not cls:
+                other = reg[key]
+                raise LlmcError(
+                    f"{kind} '{key}' registered by both {other.plugin} ({other.distribution}) and {plugin} "
+                    f"({distribution}). Uninstall one of them."
+                )
+            reg[key] = Entry(kind, name.lower(), cls, plugin, distribution)
+
+    def names(self, kind: str) -> list[str]:
+        """Primary names (aliases excluded) registered for ``kind``."""
+        return sorted({e.name for e in self.registries()[kind].values()})
+
+    def get(self, kind: str, name: str, where: str) -> type:
+        """The class registered as ``name`` for ``kind``, or a clear error naming ``where``."""
+        reg = self.registries()[kind]
+        entry = reg.get(str(name).lower())
+        if entry is None:
+            raise unknown_name(KIND_LABELS.get(kind, kind), name, where, self.names(kind))
+        return entry.cls
+
+    def entries(self) -> list[Entry]:
+        """Every registered class once (aliases collapsed), ordered by kind and name."""
+        seen: dict[tuple[str, str], Entry] = {}
+        for kind in KINDS:
+            for e in self.registries()[kind].values():
+                seen.setdefault((kind, e.name), e)
+        return [seen[k] for k in sorted(seen, key=lambda k: (list(KINDS).index(k[0]), k[1]))]
+
+    def hook(self) -> Any:
+        return self.pm.hook
+
+
+def _autoload_disabled() -> bool:
+    return os.environ.get("LLMC_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _load_entry_points(manager: PluginManager) -> bool:
+    """Load the ``llmc`` entry points; return whether llmc's own distribution provided any."""
+    own_found = False
+    for ep in importlib.metadata.entry_points(group=GROUP):
+        dist = ep.dist.name if ep.dist is not None else "unknown"
+        is_own = dist.lower() == OWN_DISTRIBUTION
+        if not is_own and _autoload_disabled():
+            continue
+        try:
+            module = ep.load()
+        except Exception as exc:  # a broken plugin is reported by name, never skipped
+            raise LlmcError(
+                f"Plugin '{ep.name}' from distribution '{dist}' failed to import: {type(exc).__name__}: {exc}. "
+                f"Fix or uninstall it (pip uninstall {dist}), or set LLMC_DISABLE_PLUGIN_AUTOLOAD=1."
+            ) from exc
+        manager.register_module(module, name=f"{dist}:{ep.name}", distribution=dist)
+        own_found = own_found or is_own
+    return own_found
+
+
+def _load_defaults(manager: PluginManager) -> None:
+    from llmc_plugins import DEFAULT_PLUGINS
+
+    for dotted in DEFAULT_PLUGINS:
+        manager.register_module(importlib.import_module(dotted), name=f"{OWN_DISTRIBUTION}:{dotted}", distribution=OWN_DISTRIBUTION)
+
+
+def new_manager(load_entry_points: bool = True) -> PluginManager:
+    """Build a manager with the hook specs added and (by default) every plugin loaded."""
+    pm = pluggy.PluginManager("llmc")
+    pm.add_hookspecs(hookspecs)
+    manager = PluginManager(pm)
+    if load_entry_points:
+        if not _load_entry_points(manager):
+            _load_defaults(manager)
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise LlmcError(f"Plugin '{exc.plugin_name}' implements an unknown hook: {exc}. Check the spelling against 'llmc_core.hookspecs'.") from exc
+    return manager
+
+
+_MANAGER: PluginManager | None = None
+
+
+def get_manager() -> PluginManager:
+    """The process-wide manager, created on first use."""
+    global _MANAGER
+    if _MANAGER is None:
+        _MANAGER = new_manager()
+    return _MANAGER
+
+
+def reset_manager() -> None:
+    """Forget the process-wide manager (tests use this after changing the environment)."""
+    global _MANAGER
+    _MANAGER = None

@@ -1,0 +1,24 @@
+"""Quantizer math shared by every method: ``QuantSpec`` and group (fake-)quantization.
+
+``spec`` and ``checks`` are torch-free; ``fake`` needs torch and is imported on first use, so
+validating a config never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmc_core.quant.checks import check_divisible
+from llmc_core.quant.spec import QuantSpec
+
+_FAKE = ("QuantizedWeight", "fake_quantize", "fake_quantize_linear", "group_view", "qparams", "quantize_grouped", "quantize_weight")
+
+__all__ = ["QuantSpec", "check_divisible", *_FAKE]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FAKE:
+        from llmc_core.quant import fake
+
+        return getattr(fake, name)
+    raise AttributeError(name)

@@ -1,0 +1,99 @@
+"""Group quantization in torch: the one implementation every method uses.
+
+Weights are ``[out, in]``. The helpers reshape them to ``[..., rows, group]`` so that one call
+handles per-tensor, per-channel and per-group settings, and extra leading dimensions let a search
+(AWQ's scale and clip grids) quantize many candidates in one batched call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from llmc_core.quant.spec import QuantSpec
+
+
+def group_view(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Reshape ``[..., out, in]`` to ``[..., rows, group]`` for ``spec``'s granularity."""
+    out_f, in_f = w.shape[-2], w.shape[-1]
+    lead = w.shape[:-2]
+    if spec.granularity == "per_tensor":
+        return w.reshape(*lead, 1, out_f * in_f)
+    if spec.granularity == "per_channel":
+        return w
+    return w.reshape(*lead, out_f * (in_f // spec.group_size), spec.group_size)
+
+
+def qparams(wg: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None = None, min_val: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points for grouped weights ``wg`` (``[..., rows, group]``).
+
+    ``max_val``/``min_val`` (``[..., rows, 1]``) override the group's range, as weight clipping does.
+    Returns ``(scale, zero)``, each ``[..., rows, 1]``; ``zero`` is 0 for symmetric specs.
+    """
+    if spec.symmetric:
+        amax = wg.abs().amax(dim=-1, keepdim=True) if max_val is None else max_val
+        scale = amax.clamp(min=1e-5) / spec.qmax
+        return scale, torch.zeros_like(scale)
+    hi = wg.amax(dim=-1, keepdim=True) if max_val is None else max_val
+    lo = wg.amin(dim=-1, keepdim=True) if min_val is None else min_val
+    scale = (hi - lo).clamp(min=1e-5) / spec.qmax
+    zero = torch.round(-lo / scale).clamp(spec.qmin, spec.qmax)
+    return scale, zero
+
+
+def quantize_grouped(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (as floats) of ``wg`` for the given scale and zero point."""
+    return torch.clamp(torch.round(wg / scale) + zero, spec.qmin, spec.qmax)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None = None, min_val: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize then dequantize ``w`` (``[..., out, in]``); returns a tensor of ``w``'s shape and dtype."""
+    wg = group_view(w.float(), spec)
+    scale, zero = qparams(wg, spec, max_val, min_val)
+    q = quantize_grouped(wg, scale, zero, spec)
+    return ((q - zero) * scale).reshape(w.shape).to(w.dtype)
+
+
+@dataclass
+class QuantizedWeight:
+    """The integer form of one linear layer's weight.
+
+    ``codes`` is ``[out, in]`` (uint8 for asymmetric, int8 for symmetric specs); ``scales`` and
+    ``zeros`` are ``[out, in // group]`` (one column for per-channel, one value for per-tensor).
+    ``dequantize()`` gives back exactly the fake-quantized weight.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    spec: QuantSpec
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out_f, in_f = self.codes.shape
+        wg = group_view(self.codes.float(), self.spec)
+        rows = wg.shape[-2]
+        w = (wg - self.zeros.reshape(rows, 1).float()) * self.scales.reshape(rows, 1).float()
+        return w.reshape(out_f, in_f).to(dtype)
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest quantization of a ``[out, in]`` weight into a :class:`QuantizedWeight`."""
+    out_f, in_f = w.shape
+    wg = group_view(w.detach().float(), spec)
+    scale, zero = qparams(wg, spec)
+    q = quantize_grouped(wg, scale, zero, spec)
+    cols = 1 if spec.granularity == "per_tensor" else wg.shape[0] // out_f
+    shape = (1, 1) if spec.granularity == "per_tensor" else (out_f, cols)
+    codes = q.reshape(out_f, in_f).to(torch.int8 if spec.symmetric else torch.uint8)
+    return QuantizedWeight(codes, scale.reshape(shape), zero.reshape(shape), spec)
+
+
+@torch.no_grad()
+def fake_quantize_linear(linear: torch.nn.Linear, spec: QuantSpec) -> QuantizedWeight:
+    """Replace ``linear.weight`` by its fake-quantized value; return the integer form."""
+    qw = quantize_weight(linear.weight, spec)
+    linear.weight.data.copy_(qw.dequantize(linear.weight.dtype))
+    return qw

@@ -1,0 +1,48 @@
+"""``QuantSpec``: what ``quant.weight`` describes (bits, symmetry, granularity, group size)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llmc_core.api import StrictModel
+
+
+class QuantSpec(StrictModel):
+    """Integer weight quantization settings (the ``quant.weight`` section).
+
+    - ``bit``: 2 to 8.
+    - ``symmetric``: symmetric (zero point 0, range ``[-2^(b-1), 2^(b-1)-1]``) or asymmetric
+      (unsigned ``[0, 2^b-1]`` with an integer zero point).
+    - ``granularity``: ``per_tensor``, ``per_channel`` (one scale per output row) or ``per_group``
+      (one scale per ``group_size`` consecutive inputs of each row).
+    - ``group_size``: required for ``per_group``.
+    - ``quant_type``: only ``int-quant`` (accepted for ModelTC/llmc configs).
+    """
+
+    bit: int = Field(ge=2, le=8)
+    symmetric: bool = False
+    granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_group"
+    group_size: int | None = Field(default=None, gt=0)
+    quant_type: Literal["int-quant"] = "int-quant"
+
+    @model_validator(mode="after")
+    def _group_size_matches_granularity(self) -> QuantSpec:
+        if self.granularity == "per_group" and self.group_size is None:
+            raise ValueError("granularity 'per_group' needs a group_size (e.g. 128, or 64 when 128 does not divide the hidden size)")
+        if self.granularity != "per_group" and self.group_size not in (None, -1):
+            raise ValueError(f"group_size is only used with granularity 'per_group' (got granularity '{self.granularity}')")
+        return self
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bit - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bit - 1) - 1 if self.symmetric else 2**self.bit - 1
+
+    def describe(self) -> str:
+        g = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
+        return f"w{self.bit} {g} {'sym' if self.symmetric else 'asym'}"

@@ -1,0 +1,40 @@
+"""Evaluation records and their renderings (JSON, console table)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class EvalRecord:
+    """One measured number: what was measured, where in the run, and how long it took."""
+
+    position: str
+    evaluator: str
+    dataset: str
+    metric: str
+    value: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def render_table(records: list[EvalRecord]) -> str:
+    """A plain-text table, one row per record."""
+    header = ("position", "evaluator", "dataset", "metric", "value", "seconds")
+    rows = [header] + [(r.position, r.evaluator, r.dataset, r.metric, f"{r.value:.4f}", f"{r.seconds:.1f}") for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, records: list[EvalRecord], extra: dict | None = None) -> None:
+    """Write ``results.json`` atomically (temporary file, then rename)."""
+    payload = {"results": [r.to_dict() for r in records], **(extra or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,136 @@
+"""Test helpers for llmc and for plugin authors (registered as a pytest plugin).
+
+- :func:`tiny_llama` builds a small random Llama in memory (seconds, no download).
+- :func:`save_tiny_llama` writes one as a HF folder with a word-level tokenizer.
+- :func:`run_config` builds a run-config mapping with sensible small defaults.
+- :func:`run_cli` runs ``llmc`` in-process and captures exit code, stdout and stderr.
+
+Fixtures: ``tiny_model_dir`` (a saved tiny Llama folder), ``tiny_text_file`` (a small corpus),
+``llmc_cli`` (the :func:`run_cli` function).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly hex many bold jocks "
+    "and river stones glitter under pale moon light as old ships sail toward distant harbors"
+).split()
+
+
+def tiny_llama(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = 128, seed: int = 0, tie: bool = True):
+    """A randomly initialised ``LlamaForCausalLM`` small enough for unit tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # give the norms some spread so activation-aware methods have work to do
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.5 * torch.rand_like(p))
+    return model
+
+
+def word_tokenizer(vocab: int = 128):
+    """A fast word-level tokenizer over :data:`WORDS` plus special tokens (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab_map = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab_map.setdefault(w, len(vocab_map))
+    for i in range(len(vocab_map), vocab):
+        vocab_map[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab_map, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_llama(folder: str | Path, **kwargs: Any) -> Path:
+    """Write a tiny Llama and its tokenizer to ``folder`` as a HF model folder."""
+    folder = Path(folder)
+    model = tiny_llama(**kwargs)
+    model.save_pretrained(folder, safe_serialization=True)
+    word_tokenizer(kwargs.get("vocab", 128)).save_pretrained(folder)
+    return folder
+
+
+def write_corpus(path: str | Path, n_rows: int = 400, seed: int = 0) -> Path:
+    """A small random-word corpus, one document per line (works as ``custom`` .txt or wiki raw)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(n_rows)]
+    path = Path(path)
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def run_config(model_dir: str | Path, data: str | Path, save_path: str | Path, method: str = "rtn", bit: int = 4, group_size: int = 32, eval_pos: tuple[str, ...] = ("pretrain", "fake_quant"), **sections: Any) -> dict[str, Any]:
+    """A complete run-config mapping for a tiny model; keyword sections replace defaults."""
+    cfg: dict[str, Any] = {
+        "base": {"seed": 0},
+        "model": {"type": "llama", "path": str(model_dir), "torch_dtype": "float32"},
+        "calib": {"name": "custom", "path": str(data), "n_samples": 4, "bs": -1, "seq_len": 32, "preproc": "pileval_awq", "seed": 0},
+        "eval": {"eval_pos": list(eval_pos), "name": "custom", "path": str(data), "seq_len": 64, "bs": 2},
+        "quant": {"method": method, "weight": {"bit": bit, "symmetric": False, "granularity": "per_group", "group_size": group_size}, "special": {}},
+        "save": {"save_path": str(save_path)},
+    }
+    cfg.update(sections)
+    return cfg
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> CliResult:
+    """Run ``llmc ARGS`` in-process; return exit code and captured output."""
+    from llmc_core.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse --help / --version / usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture
+def llmc_cli():
+    return run_cli

@@ -1,0 +1,11 @@
+"""llmc's built-in plugins. They register through the ``llmc`` entry-point group exactly as a
+third-party package does; ``DEFAULT_PLUGINS`` is the fallback when llmc runs from an uninstalled
+source tree (and must list the same modules as ``pyproject.toml``'s entry points)."""
+
+DEFAULT_PLUGINS = (
+    "llmc_plugins.models",
+    "llmc_plugins.data",
+    "llmc_plugins.methods.rtn",
+    "llmc_plugins.evaluators.ppl",
+    "llmc_plugins.savers",
+)

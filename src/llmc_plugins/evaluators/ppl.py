@@ -1,0 +1,97 @@
+"""Perplexity with the standard GPTQ/AWQ protocol."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from pydantic import Field
+
+from llmc_core import hookimpl
+from llmc_core.api import Evaluator
+from llmc_core.config import EvalSection
+from llmc_core.results import EvalRecord
+
+
+class PplConfig(EvalSection):
+    """The ``eval`` section for ``type: ppl``.
+
+    - ``eval_pos``: where to measure (``pretrain``, ``transformed``, ``fake_quant``).
+    - ``name``/``path``/``download``: the dataset (e.g. ``wikitext2`` and a ``wiki.test.raw``).
+    - ``seq_len``: window length (2048 is the standard). ``bs``: windows per forward pass.
+    - ``num_samples``: evaluate only the first N windows (quick runs); default all.
+    - ``inference_per_block``: run the model one block at a time on the device (for models that
+      do not fit on it whole).
+    """
+
+    bs: int = Field(default=1, gt=0)
+    seq_len: int = Field(default=2048, gt=0)
+    num_samples: int | None = Field(default=None, gt=0)
+    inference_per_block: bool = False
+
+
+class Perplexity(Evaluator):
+    """Perplexity: rows joined with "\\n\\n", tokenized once, non-overlapping ``seq_len`` windows
+    (tail dropped), ``ppl = exp(mean token cross-entropy)`` over all predicted tokens."""
+
+    name = "ppl"
+    Config = PplConfig
+
+    def evaluate(self, run, config, position):
+        import torch
+
+        start = time.perf_counter()
+        ids = _token_ids(run, config)
+        n_windows = ids.numel() // config.seq_len
+        if config.num_samples:
+            n_windows = min(n_windows, config.num_samples)
+        if n_windows == 0:
+            from llmc_core.errors import LlmcError
+
+            raise LlmcError(f"eval.seq_len: the {config.name} text has {ids.numel()} tokens, fewer than one window of {config.seq_len}.")
+        windows = ids[: n_windows * config.seq_len].reshape(n_windows, config.seq_len)
+        logits_fn = _per_block_logits if config.inference_per_block else _whole_model_logits
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            from llmc_core.run import progress
+
+            for i in progress(range(0, n_windows, config.bs), desc=f"ppl {position}"):
+                batch = windows[i : i + config.bs].to(run.device)
+                logits = logits_fn(run, batch)
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+                )
+                nll += loss.item()
+                count += batch[:, 1:].numel()
+        ppl = math.exp(nll / count)
+        return [EvalRecord(position, self.name, config.name, "perplexity", ppl, round(time.perf_counter() - start, 2))]
+
+
+def _token_ids(run, config):
+    key = ("ppl_ids", config.name, config.path)
+    if key not in run.cache:
+        rows = run.manager.get("dataset", config.name, "eval.name")().load_rows(config.path, config.download, "eval")
+        text = "\n\n".join(rows)
+        run.cache[key] = run.tokenizer(text, return_tensors="pt").input_ids[0]
+    return run.cache[key]
+
+
+def _whole_model_logits(run, batch):
+    run.model.to(run.device)
+    return run.model(input_ids=batch, use_cache=False).logits
+
+
+def _per_block_logits(run, batch):
+    from llmc_core.blockwise import capture_block_inputs, run_blocks
+
+    inputs, kwargs = capture_block_inputs(run.model, run.adapter, [batch], run.device)
+    hidden = run_blocks(run.adapter, inputs, kwargs, run.device)[0]
+    for module in run.adapter.post_block_modules():
+        module.to(run.device)
+        hidden = module(hidden)
+    return hidden
+
+
+@hookimpl
+def llmc_register_evaluators(register):
+    register(Perplexity)

@@ -1,0 +1,35 @@
+"""RTN: round-to-nearest weight quantization, the baseline every method is measured against."""
+
+from __future__ import annotations
+
+from llmc_core import hookimpl
+from llmc_core.api import Method, NoOptions
+
+
+class Rtn(Method):
+    """Round-to-nearest (RTN) weight-only quantization.
+
+    What it does: replaces every linear layer inside the decoder blocks by its quantize-dequantize
+    value under ``quant.weight`` (2-8 bits, symmetric or asymmetric, per-tensor, per-channel or
+    per-group), with each group's scale from its min/max (asymmetric) or absmax (symmetric).
+    What it does not do: touch embeddings or ``lm_head``, use calibration data, or transform the
+    float model (so ``transformed`` equals ``pretrain``).
+
+    Example::
+
+        quant:
+          method: RTN
+          weight: {bit: 4, symmetric: false, granularity: per_group, group_size: 64}
+          special: {}
+
+    ``quant.special`` takes no options.
+    """
+
+    name = "rtn"
+    Config = NoOptions
+    needs_calibration = False
+
+
+@hookimpl
+def llmc_register_methods(register):
+    register(Rtn)

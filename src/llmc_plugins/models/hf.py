@@ -1,0 +1,68 @@
+"""Loading a model and tokenizer through transformers, from a HF folder or a ``.gguf`` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from llmc_core.api import StrictModel
+from llmc_core.errors import LlmcError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class HFModelConfig(StrictModel):
+    """The ``model`` section.
+
+    - ``type``: the family (``Llama``, ``Mistral``, ``Qwen2``, ``SmolLM2``), case-insensitive.
+    - ``path``: a HF model folder, a ``.gguf`` file, ``pkg:<package>/<file>``, or a hub id.
+    - ``torch_dtype``: ``auto`` (the checkpoint's own), ``float32``, ``float16``, ``bfloat16``.
+    - ``tokenizer_path``: defaults to ``path``. ``tokenizer_mode``: ``fast`` or ``slow``.
+    - ``trust_remote_code``: off unless set here.
+    """
+
+    type: str
+    path: str
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    tokenizer_path: str | None = None
+    tokenizer_mode: Literal["fast", "slow"] = "fast"
+    trust_remote_code: bool = False
+
+
+def _split_gguf(path: str) -> tuple[str, dict[str, Any]]:
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return str(p.parent), {"gguf_file": p.name}
+    return path, {}
+
+
+def load_hf(config: HFModelConfig, model_types: tuple[str, ...], family: str) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)``; refuse a checkpoint of another architecture with a clear line."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where, extra = _split_gguf(config.path)
+    if extra:
+        try:
+            import gguf  # noqa: F401
+        except ImportError as exc:
+            raise LlmcError("model.path is a .gguf file, which needs the 'gguf' package: pip install 'llmc[gguf]'.") from exc
+    common = {"trust_remote_code": config.trust_remote_code, **extra}
+    hf_config = AutoConfig.from_pretrained(where, **common)
+    if hf_config.model_type not in model_types:
+        raise LlmcError(
+            f"model.type: '{config.type}' expects a {'/'.join(model_types)} checkpoint, but {config.path} is "
+            f"'{hf_config.model_type}'. Set model.type to the matching family ('llmc plugins' lists them)."
+        )
+    dtype = "auto" if config.torch_dtype == "auto" else getattr(torch, config.torch_dtype)
+    if extra and dtype == "auto":
+        dtype = torch.float32  # GGUF tensors are dequantized; keep them in full precision
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, low_cpu_mem_usage=True, **common)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and extra:
+        # The GGUF weights are plain floats now; the attached quantizer would refuse save_pretrained.
+        quantizer.remove_quantization_config(model)
+    tok_where, tok_extra = _split_gguf(config.tokenizer_path) if config.tokenizer_path else (where, extra)
+    tokenizer = AutoTokenizer.from_pretrained(tok_where, use_fast=config.tokenizer_mode == "fast", trust_remote_code=config.trust_remote_code, **tok_extra)
+    model.config.use_cache = False
+    return model, tokenizer

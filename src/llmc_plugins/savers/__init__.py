@@ -1,0 +1,47 @@
+"""Built-in savers: the transformed float model and the fake-quantized model as HF folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmc_core import hookimpl
+from llmc_core.api import Saver
+
+
+def save_hf_folder(run, folder: str) -> None:
+    """``save_pretrained`` of model and tokenizer (safetensors), loadable by ``from_pretrained``."""
+    run.model.save_pretrained(folder, safe_serialization=True)
+    if run.tokenizer is not None:
+        run.tokenizer.save_pretrained(folder)
+
+
+class SaveTrans(Saver):
+    """The transformed float model (after the method's equivalent transforms, before quantization)."""
+
+    name = "trans"
+    folder = "transformed_model"
+    position = "transformed"
+
+    def save(self, run, folder):
+        save_hf_folder(run, folder)
+
+
+class SaveFake(Saver):
+    """The fake-quantized model: quantized-then-dequantized weights in the model's float dtype."""
+
+    name = "fake"
+    folder = "fake_quant_model"
+    position = "fake_quant"
+
+    def save(self, run, folder):
+        save_hf_folder(run, folder)
+        spec = run.config.weight.model_dump()
+        info = {"method": run.config.quant.method, "weight": spec, "quantized_layers": sorted(run.quantized)}
+        (Path(folder) / "llmc_quant.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+@hookimpl
+def llmc_register_savers(register):
+    register(SaveTrans)
+    register(SaveFake)
