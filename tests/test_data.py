@@ -1,0 +1,80 @@
+"""Datasets and calibration preprocessors on small files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmc_core.errors import LlmcError
+from llmc_core.testing import word_tokenizer
+from llmc_plugins.data.corpora import C4, Custom, PileVal, WikiText2
+from llmc_plugins.data.preprocs import PilevalAwq, RandomWindow
+from llmc_plugins.data.readers import wikitext_raw_rows
+
+
+def test_wikitext_raw_rows_match_hf_layout(tmp_path):
+    raw = tmp_path / "wiki.test.raw"
+    raw.write_text(" \n = Title = \n \n Some text here . \n", encoding="utf-8")
+    assert wikitext_raw_rows(raw) == ["", " = Title = \n", "", " Some text here . \n"]
+
+
+def test_wikitext_folder_picks_split(tmp_path):
+    (tmp_path / "wiki.test.raw").write_text("test row\n")
+    (tmp_path / "wiki.valid.raw").write_text("valid row\n")
+    assert WikiText2().load_rows(str(tmp_path), False, "eval") == ["test row\n"]
+    assert WikiText2().load_rows(str(tmp_path), False, "calib") == ["valid row\n"]
+
+
+def test_jsonl_and_zstd(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    rows = [{"text": f"doc {i}", "url": "u"} for i in range(3)]
+    plain = tmp_path / "a.jsonl"
+    plain.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    packed = tmp_path / "b.jsonl.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    assert C4().load_rows(str(plain), False, "calib") == ["doc 0", "doc 1", "doc 2"]
+    assert PileVal().load_rows(str(packed), False, "calib") == ["doc 0", "doc 1", "doc 2"]
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(LlmcError, match=r"bad.jsonl:2: expected a JSON object"):
+        C4().load_rows(str(bad), False, "calib")
+
+
+def test_custom_txt(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("one\n\n two \n")
+    assert Custom().load_rows(str(f), False, "calib") == ["one", " two "]
+
+
+def test_pileval_awq_gives_exactly_n_blocks(tiny_text_file):
+    rows = tiny_text_file.read_text().splitlines()
+    tok = word_tokenizer()
+    samples = PilevalAwq().samples(rows, tok, n_samples=5, seq_len=32, seed=0)
+    assert len(samples) == 5 and all(s.shape == (1, 32) for s in samples)
+    again = PilevalAwq().samples(rows, tok, n_samples=5, seq_len=32, seed=0)
+    assert all((a == b).all() for a, b in zip(samples, again))
+    other = PilevalAwq().samples(rows, tok, n_samples=5, seq_len=32, seed=1)
+    assert any((a != b).any() for a, b in zip(samples, other))
+
+
+def test_pileval_awq_too_few_tokens_is_clear(tiny_text_file):
+    rows = tiny_text_file.read_text().splitlines()[:3]
+    with pytest.raises(LlmcError, match="calib.n_samples: 50 blocks of 32 tokens"):
+        PilevalAwq().samples(rows, word_tokenizer(), n_samples=50, seq_len=32, seed=0)
+
+
+def test_random_window(tiny_text_file):
+    rows = tiny_text_file.read_text().splitlines()
+    samples = RandomWindow().samples(rows, word_tokenizer(), n_samples=3, seq_len=16, seed=0)
+    assert [s.shape for s in samples] == [(1, 16)] * 3
+
+
+def test_real_c4_sample_and_wikitext(shared_data):
+    rows = C4().load_rows(str(shared_data / "c4" / "c4-train.00000-of-01024.first1000.jsonl"), False, "calib")
+    assert len(rows) == 1000
+    wiki = WikiText2().load_rows(str(shared_data / "wikitext2" / "wiki.test.raw"), False, "eval")
+    assert len(wiki) == 4358 and wiki[0] == "" and wiki[1].endswith("\n")

@@ -1,0 +1,94 @@
+"""The one group-quantization implementation, checked against an independent loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmc_core.errors import LlmcError
+from llmc_core.quant import QuantSpec, check_divisible, fake_quantize, quantize_weight
+
+
+def reference_rtn(w: torch.Tensor, bit: int, group: int, symmetric: bool) -> torch.Tensor:
+    """Row by row, group by group, the textbook formulas (llm-awq's pseudo_quantize_tensor)."""
+    out = torch.empty_like(w)
+    for r in range(w.shape[0]):
+        for c in range(0, w.shape[1], group):
+            g = w[r, c : c + group].double()
+            if symmetric:
+                qmax, qmin = 2 ** (bit - 1) - 1, -(2 ** (bit - 1))
+                s = max(g.abs().max().item(), 1e-5) / qmax
+                q = torch.clamp(torch.round(g / s), qmin, qmax)
+                out[r, c : c + group] = (q * s).float()
+            else:
+                qmax = 2**bit - 1
+                lo, hi = g.min().item(), g.max().item()
+                s = max(hi - lo, 1e-5) / qmax
+                z = min(max(round(-lo / s), 0), qmax)
+                q = torch.clamp(torch.round(g / s) + z, 0, qmax)
+                out[r, c : c + group] = ((q - z) * s).float()
+    return out
+
+
+@pytest.mark.parametrize("bit", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_per_group_matches_reference(bit, symmetric):
+    torch.manual_seed(bit)
+    w = torch.randn(8, 64)
+    spec = QuantSpec(bit=bit, symmetric=symmetric, granularity="per_group", group_size=16)
+    ours = fake_quantize(w, spec)
+    ref = reference_rtn(w, bit, 16, symmetric)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_levels_per_group_are_bounded():
+    w = torch.randn(4, 128)
+    spec = QuantSpec(bit=3, granularity="per_group", group_size=32)
+    fq = fake_quantize(w, spec)
+    for row in fq.reshape(-1, 32):
+        assert row.unique().numel() <= 2**3
+
+
+def test_per_channel_and_per_tensor():
+    w = torch.randn(6, 40)
+    ch = fake_quantize(w, QuantSpec(bit=4, granularity="per_channel"))
+    torch.testing.assert_close(ch, reference_rtn(w, 4, 40, False), rtol=0, atol=1e-5)
+    t = fake_quantize(w, QuantSpec(bit=4, granularity="per_tensor"))
+    assert t.unique().numel() <= 16
+
+
+@pytest.mark.parametrize("gran", ["per_group", "per_channel", "per_tensor"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantized_weight_dequantizes_to_fake_quant(gran, symmetric):
+    w = torch.randn(16, 64)
+    spec = QuantSpec(bit=4, symmetric=symmetric, granularity=gran, group_size=16 if gran == "per_group" else None)
+    qw = quantize_weight(w, spec)
+    assert qw.codes.dtype == (torch.int8 if symmetric else torch.uint8)
+    assert int(qw.codes.min()) >= spec.qmin and int(qw.codes.max()) <= spec.qmax
+    torch.testing.assert_close(qw.dequantize(), fake_quantize(w, spec), rtol=0, atol=0)
+
+
+def test_batched_leading_dims_quantize_independently():
+    w = torch.randn(3, 8, 32)
+    spec = QuantSpec(bit=4, granularity="per_group", group_size=16)
+    batched = fake_quantize(w, spec)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], fake_quantize(w[i], spec))
+
+
+def test_group_size_that_does_not_divide_names_layer_and_fits():
+    class Lin:
+        def __init__(self, k):
+            self.in_features = k
+
+    spec = QuantSpec(bit=4, granularity="per_group", group_size=128)
+    with pytest.raises(LlmcError) as exc:
+        check_divisible(spec, {"model.layers.0.self_attn.q_proj": Lin(576), "model.layers.0.mlp.down_proj": Lin(1536)})
+    (line,) = exc.value.problems
+    assert "group_size: 128 does not divide the input size 576 of layer model.layers.0.self_attn.q_proj" in line
+    assert "Group sizes that fit every layer: 16, 32, 64." in line
+
+
+def test_spec_rejects_group_size_with_per_channel():
+    with pytest.raises(ValueError):
+        QuantSpec(bit=4, granularity="per_channel", group_size=64)
