@@ -7,6 +7,7 @@ Nothing here imports torch at module level, so listing and validating plugins st
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -40,8 +41,9 @@ class Plugin:
 
     @classmethod
     def summary(cls) -> str:
+        """The docstring's first paragraph on one line (what ``llmc plugins`` shows)."""
         doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        return " ".join(re.split(r"\n\s*\n", doc, maxsplit=1)[0].split())
 
 
 class ModelFamily(Plugin):
@@ -67,6 +69,17 @@ class Dataset(Plugin):
         :param purpose: ``"calib"`` or ``"eval"`` (datasets pick their split from it).
         """
         raise NotImplementedError
+
+    def read_rows(self, path: str | None, download: bool, purpose: str, where: str) -> list[str]:
+        """:meth:`load_rows`, with a file that cannot be read as text (a folder, binary or
+        non-UTF-8 bytes, no permission) reported as one line naming ``where`` (e.g. ``calib.path``)."""
+        from llmc_core.errors import LlmcError
+
+        try:
+            return self.load_rows(path, download, purpose)
+        except (UnicodeDecodeError, OSError) as exc:
+            what = f"is not UTF-8 text ({exc.reason} at byte {exc.start})" if isinstance(exc, UnicodeDecodeError) else f"cannot be read ({exc.strerror or exc})"
+            raise LlmcError(f"{where}: {path} {what}. Point it at a text file of the {self.name} dataset's format.") from exc
 
 
 class Preproc(Plugin):

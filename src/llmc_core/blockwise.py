@@ -51,6 +51,7 @@ class BlockContext:
     kwargs: list[dict[str, Any]]
     device: torch.device
     notes: dict[str, Any] = field(default_factory=dict)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # set by run_blocks before ``after``
 
     def forward(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Run the block on ``inputs`` (default: its cached inputs), one batch at a time."""
@@ -114,19 +115,24 @@ def run_blocks(
     work: Callable[[BlockContext], None] | None = None,
     progress: Callable[[Iterable[int]], Iterable[int]] = lambda it: it,
     after: Callable[[BlockContext], None] | None = None,
+    start: int = 0,
 ) -> list[torch.Tensor]:
-    """Process blocks in order: move block i to ``device``, call ``work(ctx)``, compute its outputs
-    (the next block's inputs), call ``after(ctx)`` and move the block back. Returns the last outputs."""
+    """Process blocks in order: move block i to ``device``, call ``work(ctx)``, check its weights,
+    compute its outputs (the next block's inputs, also ``ctx.outputs``), call ``after(ctx)`` and move
+    the block back. Returns the last outputs. ``start``: skip the blocks before it (a resumed run);
+    ``inputs`` are then block ``start``'s inputs."""
     blocks = adapter.blocks()
-    for i in progress(range(len(blocks))):
+    for i in progress(range(start, len(blocks))):
         block = blocks[i]
         home = _device_of(block)
         block.to(device)
         ctx = BlockContext(i, block, adapter.block_prefix(i), adapter, inputs, kwargs, device)
         if work is not None:
             work(ctx)
+            check_finite_weights(ctx, "transform")
         outputs = ctx.forward()
         _check_finite(outputs, ctx)
+        ctx.outputs = outputs
         if after is not None:
             after(ctx)
         block.to(home)
@@ -138,3 +144,14 @@ def _check_finite(outputs: list[torch.Tensor], ctx: BlockContext) -> None:
     for out in outputs:
         if not torch.isfinite(out).all():
             raise LlmcError(f"Block {ctx.index} ({ctx.prefix}) produced NaN/inf activations. Try torch_dtype: float32 or bfloat16, or check the method's settings.")
+
+
+def check_finite_weights(ctx: BlockContext, step: str) -> None:
+    """Stop the run, naming block and layer, when a method's ``step`` left NaN/inf in a weight."""
+    for layer, module in ctx.block.named_modules():
+        bad = [n for n, p in module.named_parameters(recurse=False) if not torch.isfinite(p).all()]
+        if bad:
+            raise LlmcError(
+                f"Block {ctx.index} ({ctx.prefix}) layer {layer or '(block)'} has NaN/inf weights ({', '.join(bad)}) after the method's {step}. "
+                "Try torch_dtype: float32, or check the method's settings (e.g. scale search or clipping ranges)."
+            )

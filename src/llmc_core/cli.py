@@ -7,8 +7,11 @@ problem and exit with code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 
 from llmc_core import __version__
@@ -25,14 +28,35 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. eval.num_samples=3 save.save_path=/tmp/x")
         s.add_argument("-q", "--quiet", action="store_true", help="only warnings and the results table")
         s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        if name == "run":
+            s.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint in save.save_path (needs save.checkpoint_blocks: true)")
     s = sub.add_parser("plugins", help="list registered plugins by kind", description="list registered plugins by kind")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (in-process runners redirect it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property always wins
+        pass
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
+    """llmc's own lines at INFO (``--quiet``: WARNING, ``--verbose``: DEBUG); other libraries keep
+    their levels. Safe to call once per ``main()`` in one process (tests run the CLI in-process)."""
     level = logging.WARNING if getattr(args, "quiet", False) else logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+    logging.getLogger("llmc").setLevel(level)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -48,9 +72,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     from llmc_core import config
     from llmc_core.run import Run
 
-    cfg = config.load(args.config, args.overrides)
-    Run(cfg).execute()
+    if not sys.stderr.isatty():  # library progress bars (weight loading, GGUF conversion) only on a terminal
+        os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is first imported (a fresh process)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    cfg = config.load(args.config, args.overrides, resume=args.resume)
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # tqdm may already be imported (in-process runs)
+    run = Run(cfg, resume=args.resume)
+    try:
+        with _sigterm_as_interrupt():
+            run.execute()
+    except KeyboardInterrupt as exc:
+        why = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        print(f"llmc: interrupted ({why}) {run.describe_progress()}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that every ``finally`` and atomic write
+    cleans up on the way out."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -73,7 +132,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow an option (``run cfg.yml --resume eval.num_samples=3``); argparse stops
+    # filling a positional list at the first option, so pick up the KEY=VALUE items it left over
+    if extra and all("=" in e and not e.startswith("-") for e in extra) and hasattr(args, "overrides"):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return USER_ERROR_EXIT
@@ -84,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except LlmcError as exc:
         print(exc.render(), file=sys.stderr)
         return USER_ERROR_EXIT
+    except BrokenPipeError:  # e.g. `llmc plugins | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("llmc: interrupted; nothing half-written was left in the output folder.", file=sys.stderr)
         return 130

@@ -22,8 +22,8 @@ from llmc_core.plugins import PluginManager, get_manager
 from llmc_core.quant.spec import QuantSpec
 
 SECTIONS = ("base", "model", "calib", "eval", "quant", "save", "opencompass")
-POSITIONS = ("pretrain", "transformed", "fake_quant")
-QUANTIZED_POSITIONS = ("transformed", "fake_quant")
+POSITIONS = ("pretrain", "transformed", "fake_quant", "real_quant")
+QUANTIZED_POSITIONS = ("transformed", "fake_quant", "real_quant")
 PATH_KEYS = ("path", "tokenizer_path", "save_path", "cfg_path", "output_path", "scale_path", "clip_path", "python")
 
 
@@ -50,7 +50,7 @@ class CalibSection(StrictModel):
 class EvalSection(StrictModel):
     """``eval``: the fields every evaluator's config has; evaluators subclass it."""
 
-    eval_pos: list[Literal["pretrain", "transformed", "fake_quant"]] = Field(default_factory=lambda: ["pretrain", "fake_quant"])
+    eval_pos: list[Literal["pretrain", "transformed", "fake_quant", "real_quant"]] = Field(default_factory=lambda: ["pretrain", "fake_quant"])
     type: str = "ppl"
     name: str
     download: bool = False
@@ -84,6 +84,7 @@ class RunConfig:
     save: BaseModel | None = None
     savers: list[type] = field(default_factory=list)
     extras: dict[str, tuple[type, BaseModel]] = field(default_factory=dict)
+    resume: bool = False  # ``llmc run --resume``: the save_path of an interrupted run is expected
 
     def positions(self) -> set[str]:
         return {p for _, e in self.evals for p in e.eval_pos}
@@ -203,12 +204,16 @@ def _save_model(manager: PluginManager) -> type[BaseModel]:
         __base__=StrictModel,
         save_path=(str, ...),
         overwrite=(bool, False),
+        checkpoint_blocks=(bool, False),
         **flags,
     )
 
 
-def validate(data: dict[str, Any], source: str = "<config>", manager: PluginManager | None = None) -> RunConfig:
-    """Validate a raw config mapping; raise one :class:`LlmcError` listing every problem."""
+def validate(data: dict[str, Any], source: str = "<config>", manager: PluginManager | None = None, resume: bool = False) -> RunConfig:
+    """Validate a raw config mapping; raise one :class:`LlmcError` listing every problem.
+
+    ``resume``: the run continues an interrupted one, so its save_path may already hold files.
+    """
     manager = manager or get_manager()
     data = _expand(data, "")
     problems = _Problems()
@@ -257,7 +262,9 @@ def validate(data: dict[str, Any], source: str = "<config>", manager: PluginMana
     save = problems.validate(_save_model(manager), data["save"], "save") if data.get("save") is not None else None
     savers = [manager.get("saver", n, "save") for n in manager.names("saver") if save is not None and getattr(save, f"save_{n}")]
 
-    cfg = RunConfig(source, data, base, model_cfg, family, calib, evals, quant, method, weight, special, save, savers)
+    cfg = RunConfig(source, data, base, model_cfg, family, calib, evals, quant, method, weight, special, save, savers, resume=resume)
+    if resume and save is None:
+        problems.add("--resume needs a save section with save_path (where the checkpoint of the interrupted run is).")
     if data.get("opencompass") is not None:
         step = _lookup(manager, problems, "evaluator", "opencompass", "opencompass")
         if step is not None:
@@ -283,6 +290,10 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
     needs_quant = sorted(cfg.positions() & set(QUANTIZED_POSITIONS))
     if needs_quant and cfg.quant is None:
         problems.add(f"eval.eval_pos: {', '.join(needs_quant)} needs a quant section (or remove it from eval_pos).")
+    if "real_quant" in cfg.positions() and cfg.weight is not None:  # real_quant runs AWQ-packed int4 layers
+        from llmc_core.quant.awq_format import awq_problems
+
+        problems.lines.extend(f"eval.eval_pos: real_quant: {p}. Measure fake_quant instead." for p in awq_problems(cfg.weight.bit, cfg.weight.granularity, cfg.weight.group_size))
     if cfg.method is not None and cfg.method.needs_calibration and cfg.calib is None:
         problems.add(f"calib: quant.method '{cfg.quant.method}' needs calibration data; add a calib section (e.g. name: pileval, path: ...).")
     if cfg.quant is not None and cfg.quant.quant_out and "transformed" in cfg.positions():
@@ -309,6 +320,10 @@ def _check_output_folder(cfg: RunConfig, problems: _Problems) -> None:
     out = cfg.save_path
     if out.exists() and not out.is_dir():
         problems.add(f"save.save_path: {out} exists and is a file. Choose a folder path.")
+    elif cfg.resume:
+        pass  # the interrupted run's folder; the checkpoint in it is checked when the run starts
+    elif (out / ".checkpoints").is_dir() and not cfg.save.overwrite:
+        problems.add(f"save.save_path: {out} holds the checkpoint of an interrupted run. Continue it with 'llmc run --resume', or set save.overwrite: true to start over.")
     elif out.exists() and any(out.iterdir()) and not cfg.save.overwrite:
         problems.add(f"save.save_path: {out} already exists and is not empty. Choose a new path, or set save.overwrite: true to replace what llmc wrote there.")
 
@@ -327,8 +342,8 @@ def _check_paths(cfg: RunConfig, problems: _Problems) -> None:
             problems.add(f"{where}.path: required when {where}.download is false. Give the data file or folder, or set download: true.")
 
 
-def load(path: str | Path, overrides: list[str] | None = None, manager: PluginManager | None = None) -> RunConfig:
-    """Read, override, expand and validate the config at ``path``."""
+def load(path: str | Path, overrides: list[str] | None = None, manager: PluginManager | None = None, resume: bool = False) -> RunConfig:
+    """Read, override, expand and validate the config at ``path`` (``resume``: see :func:`validate`)."""
     data = read_yaml(path)
     apply_overrides(data, overrides or [])
-    return validate(data, str(path), manager)
+    return validate(data, str(path), manager, resume=resume)

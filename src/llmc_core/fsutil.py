@@ -36,16 +36,21 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
         raise LlmcError(f"{target} already exists; llmc never overwrites a folder silently. Remove it, choose another save.save_path, or set save.overwrite: true.")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the saved model is an ordinary folder
+    trash = target.with_name(f".{target.name}.old-{os.getpid()}")
     try:
         yield tmp
         _fsync_tree(tmp)
         if target.exists():
-            trash = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(trash)
             tmp.rename(target)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             tmp.rename(target)
     except BaseException:
+        if trash.exists() and not target.exists():  # interrupted between the two renames: put it back
+            trash.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise

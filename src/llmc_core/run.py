@@ -18,6 +18,7 @@ from typing import Any
 from llmc_core import __version__
 from llmc_core.config import RunConfig
 from llmc_core.errors import LlmcError
+from llmc_core.layer_error import LayerErrors
 from llmc_core.plugins import PluginManager, get_manager
 from llmc_core.results import EvalRecord, render_table, write_json
 
@@ -34,8 +35,12 @@ def progress(iterable: Any, **kwargs: Any) -> Any:
 class Run:
     """Owns the model, tokenizer, calibration batches and results of one config."""
 
-    def __init__(self, config: RunConfig, manager: PluginManager | None = None):
+    def __init__(self, config: RunConfig, manager: PluginManager | None = None, resume: bool = False):
         self.config = config
+        self.resume = resume  # continue from the checkpoint in save_path (``llmc run --resume``)
+        self.checkpoint: Any = None  # llmc_core.checkpoint.Checkpoint when checkpointing or resuming
+        self.layer_errors = LayerErrors()  # per-layer quantization error, for the report
+        self.current_stage: str | None = None
         self.manager = manager or get_manager()
         self.hook = self.manager.hook()
         self.model: Any = None
@@ -60,7 +65,9 @@ class Run:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         log.info("%s ...", name)
+        self.current_stage = name
         yield
+        self.current_stage = None
         seconds = time.perf_counter() - start
         record = {"stage": name, "seconds": round(seconds, 2), "peak_rss_mb": _peak_rss_mb()}
         if torch.cuda.is_available():
@@ -73,25 +80,39 @@ class Run:
         error: BaseException | None = None
         self.hook.llmc_run_start(run=self)
         try:
+            from llmc_core.checkpoint import Checkpoint
+
+            self.checkpoint = Checkpoint.open(self.config, self.resume)
             self._execute()
+            if self.checkpoint is not None:
+                self.checkpoint.finish()
         except BaseException as exc:
             error = exc
-            done = ", ".join(s["stage"] for s in self.stages) or "nothing"
-            log.error("run stopped during stage %d; finished: %s", len(self.stages) + 1, done)
+            if not isinstance(exc, KeyboardInterrupt):  # the CLI prints describe_progress() for those
+                (log.info if isinstance(exc, LlmcError) else log.error)("run stopped %s", self.describe_progress())
             raise
         finally:
             self.hook.llmc_run_end(run=self, error=error)
         return self.results
+
+    def describe_progress(self) -> str:
+        """One line for a stopped run: where it stopped, what finished, what a resume would keep."""
+        where = f"during '{self.current_stage}'" if self.current_stage else "between stages"
+        done = ", ".join(s["stage"] for s in self.stages) or "nothing"
+        ckpt = self.checkpoint
+        kept = f"; {ckpt.describe()}, continue with 'llmc run --resume'" if ckpt is not None and ckpt.blocks_done else ""
+        return f"{where}; finished: {done}{kept}; no half-written output folder was left."
 
     def _execute(self) -> None:
         cfg = self.config
         self._seed(cfg.base.seed)
         with self.stage("load model"):
             self.load_model()
-        self.evaluate("pretrain")
-        if cfg.method is not None:
+        if cfg.method is not None:  # fail on a spec the model cannot take before any work
             self.method = cfg.method(cfg.special, cfg.weight)
             self.method.check_model(self.adapter)
+        self.evaluate("pretrain")
+        if cfg.method is not None:
             if cfg.method.needs_calibration:
                 with self.stage("calibration data"):
                     self.load_calibration()
@@ -103,6 +124,11 @@ class Run:
                 with self.stage("quantize"):
                     self.quantize()
             self.evaluate("fake_quant")
+            if "real_quant" in cfg.positions():  # the packed int4 layers in place, then the float ones back
+                from llmc_core.quant.qlinear import quant_linears
+
+                with quant_linears(self.model, self.quantized):
+                    self.evaluate("real_quant")
         self.save("fake_quant")
         for step, options in cfg.extras.values():
             with self.stage(step.name):
@@ -115,7 +141,12 @@ class Run:
         import torch
 
         family = self.config.model_family()
-        self.model, self.tokenizer = family.load(self.config.model)
+        try:
+            self.model, self.tokenizer = family.load(self.config.model)
+        except (OSError, ValueError) as exc:  # transformers' words for "this is not a model folder"
+            log.debug("loading the model failed", exc_info=True)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LlmcError(f"model.path: {self.config.model.path} could not be loaded as a {self.config.raw['model']['type']} model ({first}). Give a Hugging Face model folder with config.json, a .gguf file, or pkg:<package>/<file>.") from exc
         self.model.eval()
         self.adapter = family.adapter(self.model)
         dev = self.config.base.device
@@ -125,7 +156,7 @@ class Run:
         import torch
 
         c = self.config.calib
-        rows = self.manager.get("dataset", c.name, "calib.name")().load_rows(c.path, c.download, "calib")
+        rows = self.manager.get("dataset", c.name, "calib.name")().read_rows(c.path, c.download, "calib", "calib.path")
         samples = self.manager.get("preproc", c.preproc, "calib.preproc")().samples(rows, self.tokenizer, c.n_samples, c.seq_len, c.seed)
         if not samples:
             raise LlmcError(f"calib: the dataset at {c.path} gave no samples of {c.seq_len} tokens. Use more text or a smaller calib.seq_len.")
@@ -139,33 +170,63 @@ class Run:
         method, quant_out = self.method, self.config.quant.quant_out
         if not type(method).needs_calibration:
             return
+        ckpt = self.checkpoint
+        start = ckpt.restore_blocks(self) if ckpt is not None else 0
+        if start == len(self.adapter.blocks()):
+            return
         inputs, kwargs = capture_block_inputs(self.model, self.adapter, self.calib_batches, self.device)
+        if start:
+            inputs = ckpt.load_outputs(self.device)
+            log.info("resuming at block %d: blocks 0-%d restored from %s", start, start - 1, ckpt.folder)
 
         def work(ctx: Any) -> None:
             method.transform_block(ctx)
             if quant_out:
-                self.quantized.update(method.quantize_block(ctx))
+                with self.layer_errors.quantizing(ctx, inputs_follow=True):
+                    self.quantized.update(method.quantize_block(ctx))
+            self.layer_errors.listen(ctx)  # samples a few layer inputs during the runner's output pass
 
         def after(ctx: Any) -> None:
+            self.layer_errors.stop(ctx)
+            if ckpt is not None:  # before the hook: a block is finished once it is kept
+                ckpt.save_block(self, ctx)
             self.hook.llmc_block_done(run=self, index=ctx.index, block=ctx.block)
 
-        run_blocks(self.adapter, inputs, kwargs, self.device, work, lambda it: progress(it, desc="blocks"), after)
+        run_blocks(self.adapter, inputs, kwargs, self.device, work, lambda it: progress(it, desc="blocks"), after, start=start)
 
     def quantize(self) -> None:
-        from llmc_core.blockwise import BlockContext, _device_of
+        from llmc_core.blockwise import BlockContext, _device_of, check_finite_weights
 
         for i, block in enumerate(progress(self.adapter.blocks(), desc="quantize")):
             home = _device_of(block)
             block.to(self.device)
             ctx = BlockContext(i, block, self.adapter.block_prefix(i), self.adapter, [], [], self.device)
-            self.quantized.update(self.method.quantize_block(ctx))
+            with self.layer_errors.quantizing(ctx):
+                self.quantized.update(self.method.quantize_block(ctx))
+            check_finite_weights(ctx, "quantize")
             block.to(home)
 
     def evaluate(self, position: str) -> None:
-        for evaluator, options in self.config.evals:
-            if position in options.eval_pos:
-                with self.stage(f"eval {position} ({evaluator.name} {getattr(options, 'name', '')})"):
-                    self._record(evaluator().evaluate(self, options, position))
+        restored = self.checkpoint.records(position) if self.checkpoint is not None else None
+        if restored is not None:  # measured before the interruption, on the same weights
+            log.info("eval %s: restored from the checkpoint", position)
+            self._record(restored)
+            return
+        first = len(self.results)
+        # a method without calibration data: layer inputs for the error report come from this pass
+        listen = position == "pretrain" and self.method is not None and not type(self.method).needs_calibration
+        if listen:
+            self.layer_errors.listen_model(self.adapter)
+        try:
+            for evaluator, options in self.config.evals:
+                if position in options.eval_pos:
+                    with self.stage(f"eval {position} ({evaluator.name} {getattr(options, 'name', '')})"):
+                        self._record(evaluator().evaluate(self, options, position))
+        finally:
+            if listen:
+                self.layer_errors.stop()
+        if self.checkpoint is not None:
+            self.checkpoint.add_records(position, self.results[first:])
 
     def _record(self, records: list[EvalRecord]) -> None:
         for r in records:
@@ -180,9 +241,16 @@ class Run:
             if saver_cls.position != position:
                 continue
             target = self.config.save_path / saver_cls.folder
-            with self.stage(f"save {saver_cls.name}"), atomic_folder(target, overwrite=self.config.save.overwrite) as tmp:
+            if self.checkpoint is not None and self.checkpoint.is_saved(saver_cls.name, target):
+                self.saved[saver_cls.name] = target
+                log.info("%s model was saved to %s before the interruption", saver_cls.name, target)
+                continue
+            overwrite = self.config.save.overwrite or self.resume  # a resumed run may redo a save cut short
+            with self.stage(f"save {saver_cls.name}"), atomic_folder(target, overwrite=overwrite) as tmp:
                 saver_cls().save(self, str(tmp))
             self.saved[saver_cls.name] = target
+            if self.checkpoint is not None:
+                self.checkpoint.mark_saved(saver_cls.name)
             log.info("saved %s model to %s", saver_cls.name, target)
 
     def report(self) -> None:
@@ -191,7 +259,11 @@ class Run:
         if self.config.save is not None:
             out = self.config.save_path
             out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "results.json", self.results, {"config": self.config.source, "llmc_version": __version__, "stages": self.stages})
+            layers = self.layer_errors.finish()
+            write_json(out / "results.json", self.results, {"config": self.config.source, "llmc_version": __version__, "stages": self.stages, "layer_errors": layers})
+            from llmc_core.report import write_report
+
+            write_report(self, out)
 
     @staticmethod
     def _seed(seed: int) -> None:

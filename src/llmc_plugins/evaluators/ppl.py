@@ -70,7 +70,7 @@ class Perplexity(Evaluator):
 def _token_ids(run, config):
     key = ("ppl_ids", config.name, config.path)
     if key not in run.cache:
-        rows = run.manager.get("dataset", config.name, "eval.name")().load_rows(config.path, config.download, "eval")
+        rows = run.manager.get("dataset", config.name, "eval.name")().read_rows(config.path, config.download, "eval", "eval.path")
         text = "\n\n".join(rows)
         run.cache[key] = run.tokenizer(text, return_tensors="pt").input_ids[0]
     return run.cache[key]
