@@ -161,6 +161,7 @@ def all_hook_names() -> list[str]:
     import sys
 
     module = sys.modules[__name__]
-    return [n for n, f in inspect.getmembers(module, inspect.isfunction) if n.startswith("llmc_")]
+    hooks = [f for n, f in inspect.getmembers(module, inspect.isfunction) if n.startswith("llmc_")]
+    return [f.__name__ for f in sorted(hooks, key=lambda f: f.__code__.co_firstlineno)]
 
 

@@ -3,7 +3,9 @@
 Discovery is lazy: nothing is loaded until :func:`get_manager` is first called. Built-in plugins
 come through the ``llmc`` entry-point group like any other package; when llmc runs from a source
 tree that was never installed, :data:`llmc_plugins.DEFAULT_PLUGINS` is the fallback.
-``LLMC_DISABLE_PLUGIN_AUTOLOAD=1`` loads only llmc's own plugins.
+``LLMC_DISABLE_PLUGIN_AUTOLOAD=1`` loads only llmc's own plugins. Every registration is checked at
+once: a misspelled hook, a hook function without ``@hookimpl`` or a plugin that fails to import is
+an :class:`~llmc_core.errors.LlmcError` naming the plugin and its distribution, never a silent skip.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 
 import pluggy
 
-from llmc_core import hookspecs
-from llmc_core.errors import LlmcError, unknown_name
+from llmc_core import api, hookspecs
+from llmc_core.errors import LlmcError, did_you_mean, unknown_name
 
 GROUP = "llmc"
 OWN_DISTRIBUTION = "llmc"
@@ -29,6 +31,7 @@ KINDS = {
     "evaluator": "llmc_register_evaluators",
     "saver": "llmc_register_savers",
 }
+_BASES = {"model": api.ModelFamily, "dataset": api.Dataset, "preproc": api.Preproc, "method": api.Method, "evaluator": api.Evaluator, "saver": api.Saver}
 # What a kind is called in error messages ("Unknown quant method 'x' at quant.method").
 KIND_LABELS = {"model": "model type", "method": "quant method"}
 
@@ -55,12 +58,43 @@ class PluginManager:
     # -- registration -------------------------------------------------------------------------
 
     def register_module(self, module: Any, name: str, distribution: str) -> None:
-        """Register a plugin object (usually a module) under ``name``."""
-        if self.pm.has_plugin(name) or self.pm.is_registered(module):
+        """Register a plugin object (usually a module) under ``name`` and check its hooks.
+
+        Registering the same object again is a no-op; another object under a taken name, a hook
+        implementation with a misspelled name or an unknown argument, and an ``llmc_*`` function
+        left without ``@hookimpl`` are errors (the plugin is not kept).
+        """
+        if self.pm.is_registered(module):
             return
-        self.pm.register(module, name=name)
+        if self.pm.has_plugin(name):
+            raise LlmcError(f"Plugin name '{name}' is already registered (from {self.sources.get(name, 'unknown')}); register {distribution}'s plugin under another name, or unregister the first.")
+        unmarked = [n for n in dir(module) if n.startswith("llmc_") and callable(getattr(module, n, None)) and self.pm.parse_hookimpl_opts(module, n) is None]
+        if unmarked:
+            raise LlmcError(f"Plugin '{name}' ({distribution}) defines {', '.join(unmarked)} without @hookimpl, so llmc would never call it. Decorate it: from llmc_core import hookimpl.")
+        try:
+            self.pm.register(module, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise LlmcError(f"Plugin '{name}' ({distribution}) has an invalid hook implementation: {exc}. Compare it with llmc_core.hookspecs.") from exc
         self.sources[name] = distribution
         self._registries = None
+        try:
+            self.check_pending()
+        except LlmcError:
+            self.unregister(name)
+            raise
+
+    def check_pending(self) -> None:
+        """Fail loudly on a hook implementation whose name matches no hook spec (a misspelling)."""
+        for hook_name, caller in vars(self.pm.hook).items():
+            if hook_name.startswith("_") or caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if not impl.optionalhook:
+                    dist = self.sources.get(impl.plugin_name, "unknown")
+                    raise LlmcError(
+                        f"Plugin '{impl.plugin_name}' ({dist}) implements an unknown hook '{hook_name}'."
+                        f"{did_you_mean(hook_name, hookspecs.all_hook_names())} Hook names are listed in llmc_core.hookspecs (docs/plugins/hooks.md)."
+                    )
 
     def unregister(self, name: str) -> None:
         """Remove a plugin by name (tests register plugins in-process and clean up this way)."""
@@ -86,11 +120,19 @@ class PluginManager:
                 def register(cls: type, _kind=kind, _impl=impl, _dist=distribution) -> None:
                     self._add(regs[_kind], _kind, cls, _impl.plugin_name, _dist)
 
-                impl.function(register=register)
+                try:  # pluggy lets an implementation take fewer arguments than its spec
+                    impl.function(*[{"register": register}[arg] for arg in impl.argnames])
+                except LlmcError:
+                    raise
+                except Exception as exc:
+                    raise LlmcError(f"Plugin '{impl.plugin_name}' ({distribution}) failed in {hook_name}: {type(exc).__name__}: {exc}.") from exc
         return regs
 
     @staticmethod
     def _add(reg: dict[str, Entry], kind: str, cls: type, plugin: str, distribution: str) -> None:
+        base = _BASES[kind]
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise LlmcError(f"Plugin '{plugin}' ({distribution}) registered {cls!r} as a {kind}, but it is not a subclass of {base.__module__}.{base.__qualname__}.")
         name = getattr(cls, "name", "")
         if not name:
             raise LlmcError(f"Plugin '{plugin}' ({distribution}) registered a {kind} class {cls.__qualname__} without a 'name'.")
@@ -167,10 +209,6 @@ def new_manager(load_entry_points: bool = True) -> PluginManager:
     if load_entry_points:
         if not _load_entry_points(manager):
             _load_defaults(manager)
-        try:
-            pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            raise LlmcError(f"Plugin '{exc.plugin_name}' implements an unknown hook: {exc}. Check the spelling against 'llmc_core.hookspecs'.") from exc
     return manager
 
 

@@ -4,15 +4,24 @@
 - :func:`save_tiny_llama` writes one as a HF folder with a word-level tokenizer.
 - :func:`run_config` builds a run-config mapping with sensible small defaults.
 - :func:`run_cli` runs ``llmc`` in-process and captures exit code, stdout and stderr.
+- :func:`write_config` writes a config mapping as YAML; :func:`read_results` reads a run's
+  ``results.json`` back as ``{(position, evaluator, dataset, metric): value}``.
+- :func:`registered` registers a plugin module in-process for the duration of a ``with`` block,
+  so a plugin can be tested before it is installed.
 
 Fixtures: ``tiny_model_dir`` (a saved tiny Llama folder), ``tiny_text_file`` (a small corpus),
-``llmc_cli`` (the :func:`run_cli` function).
+``llmc_cli`` (the :func:`run_cli` function), ``fresh_plugins`` (a process-wide plugin manager built
+anew for one test and forgotten after it, for tests that change the environment or entry points).
+
+The module is registered as a pytest plugin through the ``pytest11`` entry point, so the fixtures
+are available in any project that has llmc installed, with no ``conftest.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,18 +96,73 @@ def write_corpus(path: str | Path, n_rows: int = 400, seed: int = 0) -> Path:
     return path
 
 
-def run_config(model_dir: str | Path, data: str | Path, save_path: str | Path, method: str = "rtn", bit: int = 4, group_size: int = 32, eval_pos: tuple[str, ...] = ("pretrain", "fake_quant"), **sections: Any) -> dict[str, Any]:
-    """A complete run-config mapping for a tiny model; keyword sections replace defaults."""
+def run_config(
+    model_dir: str | Path,
+    data: str | Path,
+    save_path: str | Path,
+    method: str = "rtn",
+    bit: int = 4,
+    group_size: int = 32,
+    eval_pos: tuple[str, ...] = ("pretrain", "fake_quant"),
+    symmetric: bool = False,
+    special: dict[str, Any] | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
+    """A complete run-config mapping for a tiny model; keyword sections replace defaults.
+
+    ``symmetric`` and ``special`` fill ``quant.weight.symmetric`` and ``quant.special`` (the
+    method's own options); any other section (``eval=...``, ``calib=...``) replaces the default.
+    """
     cfg: dict[str, Any] = {
         "base": {"seed": 0},
         "model": {"type": "llama", "path": str(model_dir), "torch_dtype": "float32"},
         "calib": {"name": "custom", "path": str(data), "n_samples": 4, "bs": -1, "seq_len": 32, "preproc": "pileval_awq", "seed": 0},
         "eval": {"eval_pos": list(eval_pos), "name": "custom", "path": str(data), "seq_len": 64, "bs": 2},
-        "quant": {"method": method, "weight": {"bit": bit, "symmetric": False, "granularity": "per_group", "group_size": group_size}, "special": {}},
+        "quant": {"method": method, "weight": {"bit": bit, "symmetric": symmetric, "granularity": "per_group", "group_size": group_size}, "special": dict(special or {})},
         "save": {"save_path": str(save_path)},
     }
     cfg.update(sections)
     return cfg
+
+
+def write_config(path: str | Path, cfg: dict[str, Any]) -> Path:
+    """Write ``cfg`` as a YAML file at ``path`` (for ``llmc run``/``validate``); return the path."""
+    import yaml
+
+    path = Path(path)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def read_results(save_path: str | Path) -> dict[tuple[str, str, str, str], float]:
+    """The records of ``save_path/results.json`` keyed by ``(position, evaluator, dataset, metric)``."""
+    import json
+
+    payload = json.loads((Path(save_path) / "results.json").read_text(encoding="utf-8"))
+    return {(r["position"], r["evaluator"], r["dataset"], r["metric"]): r["value"] for r in payload["results"]}
+
+
+@contextlib.contextmanager
+def registered(module: Any, name: str | None = None, distribution: str = "test") -> Iterator[Any]:
+    """Register ``module`` (a plugin module or object) on the process-wide plugin manager for the
+    duration of the block and unregister it by name afterwards; yields the manager.
+
+    Registration runs the same checks as entry-point discovery: a misspelled hook fails here, a
+    duplicate name when a registry is next used. A module that is already registered (installed)
+    is left as it is.
+    """
+    from llmc_core.plugins import get_manager
+
+    manager = get_manager()
+    if manager.pm.is_registered(module):  # e.g. installed too: leave it as it was
+        yield manager
+        return
+    name = name or f"{distribution}:{getattr(module, '__name__', type(module).__name__)}"
+    manager.register_module(module, name=name, distribution=distribution)
+    try:
+        yield manager
+    finally:
+        manager.unregister(name)
 
 
 @dataclass
@@ -134,3 +198,16 @@ def tiny_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def llmc_cli():
     return run_cli
+
+
+@pytest.fixture
+def fresh_plugins():
+    """Forget the process-wide plugin manager before and after the test; yields ``reset_manager``
+    (call it again after changing ``LLMC_DISABLE_PLUGIN_AUTOLOAD`` or the entry points)."""
+    from llmc_core.plugins import reset_manager
+
+    reset_manager()
+    try:
+        yield reset_manager
+    finally:
+        reset_manager()
