@@ -19,6 +19,8 @@ class QuantSpec(StrictModel):
       (one scale per ``group_size`` consecutive inputs of each row).
     - ``group_size``: required for ``per_group``.
     - ``quant_type``: only ``int-quant`` (accepted for ModelTC/llmc configs).
+    - ``scale_dtype``: ``float32`` (default) or ``float16``: round every scale to float16, as int4
+      formats (AWQ GEMM) store them, so the fake-quantized model equals the exported one exactly.
     """
 
     bit: int = Field(ge=2, le=8)
@@ -26,6 +28,7 @@ class QuantSpec(StrictModel):
     granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_group"
     group_size: int | None = Field(default=None, gt=0)
     quant_type: Literal["int-quant"] = "int-quant"
+    scale_dtype: Literal["float32", "float16"] = "float32"
 
     @model_validator(mode="after")
     def _group_size_matches_granularity(self) -> QuantSpec:

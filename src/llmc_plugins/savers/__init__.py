@@ -43,5 +43,8 @@ class SaveFake(Saver):
 
 @hookimpl
 def llmc_register_savers(register):
+    from llmc_plugins.savers.awq import SaveAwq
+
     register(SaveTrans)
     register(SaveFake)
+    register(SaveAwq)

@@ -1,0 +1,38 @@
+"""The ``awq`` saver: the real int4 model in the AutoAWQ GEMM format (``save.save_awq: true``)."""
+
+from __future__ import annotations
+
+from llmc_core.api import Saver
+from llmc_core.errors import LlmcError
+
+
+class SaveAwq(Saver):
+    """The real int4 model in the AutoAWQ "GEMM" format, which vLLM, SGLang and transformers load.
+
+    Writes ``save_path/awq_model/``: per quantized linear layer ``qweight`` / ``qzeros`` /
+    ``scales`` (+ ``bias``), every other tensor as in the float model, the tokenizer, and
+    ``config.json`` with an AWQ ``quantization_config``. Needs ``quant.weight`` to be 4-bit
+    per-group (symmetric specs are stored with zero point 8). With ``quant.weight.scale_dtype:
+    float16`` the folder dequantizes to exactly the ``save_fake`` weights; with float32 scales
+    the export rounds them to float16 (a warning gives the size). llmc reads the folder back
+    with ``llmc_core.quant.awq_format.load_awq_folder``.
+    """
+
+    name = "awq"
+    folder = "awq_model"
+    position = "fake_quant"
+
+    def check(self, run_config):
+        from llmc_core.quant.awq_format import awq_problems
+
+        spec = run_config.weight
+        if spec is None:
+            return
+        problems = awq_problems(spec.bit, spec.granularity, spec.group_size)
+        if problems:
+            raise LlmcError(*(f"save.save_awq: {p}. Save the fake-quantized model with save.save_fake instead, or change quant.weight." for p in problems))
+
+    def save(self, run, folder):
+        from llmc_core.quant.awq_format import write_awq_folder
+
+        write_awq_folder(run.model, run.quantized, folder, run.tokenizer)
