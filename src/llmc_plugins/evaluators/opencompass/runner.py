@@ -1,0 +1,220 @@
+"""Running OpenCompass on the run's saved model folders and reading its results back.
+
+The flow of :func:`run_step`: pick one model folder per ``eval_mode`` (:func:`model_folders`),
+write the settings for the OpenCompass-side driver, run it in a subprocess with OpenCompass's
+Python, then :func:`read_results` turns ``<work_dir>/results/<model>/<dataset>.json`` into
+:class:`~llmc_core.results.EvalRecord` s, failing with the failing task's log when one is missing
+(OpenCompass exits 0 even when every task failed) and when the weights OpenCompass loaded are not
+the ones llmc measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from llmc_core.errors import LlmcError
+from llmc_core.results import EvalRecord
+
+log = logging.getLogger("llmc")
+SIDE = Path(__file__).with_name("oc_side")  # goes on PYTHONPATH of the OpenCompass processes
+DRIVER = SIDE / "llmc_oc_driver.py"
+FINGERPRINT = re.compile(r"llmc: evaluated weights sha256=([0-9a-f]{64}) path=(\S+)")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def output_path(run_config: Any, options: Any) -> Path:
+    """OpenCompass's work dir: ``opencompass.output_path``, else ``<save_path>/opencompass``."""
+    return Path(options.output_path or run_config.save_path / "opencompass").absolute()
+
+
+def model_folders(run: Any, options: Any) -> list[dict[str, Any]]:
+    """``[{mode, path, sha256}]``: the folder OpenCompass loads for each ``eval_mode``.
+
+    - ``fake_quant``: the folder the ``fake`` saver wrote when ``save.save_fake`` is on, else the
+      same saver's output written now from the in-memory model, i.e. exactly the weights whose
+      ``fake_quant`` perplexity the run just reported.
+    - ``transformed``: the ``trans`` saver's folder (``save.save_trans``).
+    - ``pretrain``: the model loaded afresh from ``model.path`` and saved as an HF folder.
+    ``sha256`` is the weights fingerprint of the in-memory model where llmc has it (else None).
+    """
+    from llmc_plugins.evaluators.opencompass.oc_side.llmc_oc_weights import weights_fingerprint
+
+    out = []
+    for mode in options.eval_mode:
+        if mode == "fake_quant":
+            folder = run.saved.get("fake") or _save(run, "fake", run)
+            out.append({"mode": mode, "path": str(Path(folder).absolute()), "sha256": weights_fingerprint(run.model)})
+        elif mode == "transformed":
+            if "trans" not in run.saved:
+                raise LlmcError("opencompass.eval_mode: transformed needs the transformed model, but it was not saved; set save.save_trans: true.")
+            out.append({"mode": mode, "path": str(Path(run.saved["trans"]).absolute()), "sha256": None})
+        else:
+            model, tokenizer = run.config.model_family().load(run.config.model)
+            folder = _save(run, "pretrain", SimpleNamespace(model=model, tokenizer=tokenizer, config=run.config))
+            out.append({"mode": mode, "path": str(Path(folder).absolute()), "sha256": weights_fingerprint(model)})
+            del model
+    return out
+
+
+def _save(run: Any, what: str, source: Any) -> Path:
+    from llmc_core.fsutil import atomic_folder
+    from llmc_plugins.savers import save_hf_folder
+
+    save = run.config.save
+    overwrite = save.overwrite or getattr(run, "resume", False)
+    if what == "fake":
+        saver = run.manager.get("saver", "fake", "save")
+        target = run.config.save_path / saver.folder
+        with atomic_folder(target, overwrite=overwrite) as tmp:
+            saver().save(source, str(tmp))
+    else:
+        target = run.config.save_path / "pretrain_model"
+        with atomic_folder(target, overwrite=overwrite) as tmp:
+            save_hf_folder(source, str(tmp))
+    log.info("opencompass: saved the %s model for OpenCompass to %s", what, target)
+    return target
+
+
+def visible_gpus() -> int:
+    """GPUs OpenCompass may use: CUDA's count, which honours ``CUDA_VISIBLE_DEVICES``."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def settings_for(options: Any, out: Path, models: list[dict[str, Any]], gpus: int, prepare_only: bool = False) -> dict[str, Any]:
+    """The settings JSON handed to ``llmc_oc_driver.py``."""
+    return {
+        "cfg_path": str(Path(options.cfg_path).absolute()),
+        "output_path": str(out),
+        "manifest": str(out / "llmc_manifest.json"),
+        "models": [{"mode": m["mode"], "path": m["path"]} for m in models],
+        "max_num_workers": options.max_num_workers,
+        "visible_gpus": gpus,
+        "num_gpus": options.num_gpus,
+        "test_range": options.test_range,
+        "make_data_cache": not (options.data_cache or os.environ.get("COMPASS_DATA_CACHE")),
+        "humaneval_path": str(Path(options.humaneval_path).absolute()) if options.humaneval_path else None,
+        "prepare_only": prepare_only,
+    }
+
+
+def subprocess_env(options: Any, out: Path, gpus: int) -> dict[str, str]:
+    """Offline, the compat classes importable, the data cache set, CPU threads shared out."""
+    env = dict(os.environ, **OFFLINE)
+    env["PYTHONPATH"] = os.pathsep.join([str(SIDE), *filter(None, [env.get("PYTHONPATH")])])
+    env["COMPASS_DATA_CACHE"] = str(Path(options.data_cache).absolute()) if options.data_cache else env.get("COMPASS_DATA_CACHE") or str(out / "data_cache")
+    if gpus == 0 and "OMP_NUM_THREADS" not in env:  # workers share the cores instead of each taking all
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // options.max_num_workers))
+    return env
+
+
+def run_driver(options: Any, out: Path, settings: dict[str, Any], env: dict[str, str]) -> Path:
+    """Run the driver; return the path of its log. A config problem becomes an LlmcError."""
+    out.mkdir(parents=True, exist_ok=True)
+    settings_path = out / "llmc_settings.json"
+    settings_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    python = options.python or sys.executable
+    log_path = out / "llmc_opencompass.log"
+    log.info("opencompass: running %s (log: %s)", DRIVER.name, log_path)
+    with open(log_path, "w", encoding="utf-8") as fh:
+        done = subprocess.run([python, str(DRIVER), str(settings_path)], cwd=out, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    for line in text.splitlines():
+        if line.startswith("llmc-opencompass: warning: "):
+            log.warning("opencompass: %s", line.removeprefix("llmc-opencompass: warning: "))
+    if done.returncode == 3:
+        msgs = [line.removeprefix("llmc-opencompass: ") for line in text.splitlines() if line.startswith("llmc-opencompass: ") and "warning:" not in line]
+        raise LlmcError(*(f"opencompass.cfg_path: {m}" for m in msgs or [f"rejected; see {log_path}"]))
+    if done.returncode != 0:
+        last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+        raise LlmcError(f"opencompass: OpenCompass stopped with exit code {done.returncode} ({last.strip()[:200]}); see {log_path}.")
+    return log_path
+
+
+def read_results(manifest: dict[str, Any], expected_sha: dict[str, str | None] | None = None) -> list[tuple[str, str, str, float, int]]:
+    """``[(mode, dataset, metric, value, shards)]`` from an OpenCompass work dir.
+
+    Raises LlmcError naming the failing task's log when a result is missing or an error, and when
+    a model's logged weights fingerprint differs from ``expected_sha[mode]``.
+    """
+    work = Path(manifest["work_dir"]) if manifest.get("work_dir") else None
+    if work is None or not work.is_dir():
+        raise LlmcError(f"opencompass: OpenCompass made no work dir under {Path(manifest['effective_config']).parent}; see llmc_opencompass.log there.")
+    rows, problems = [], []
+    for model in manifest["models"]:
+        abbr, mode = model["abbr"], model["mode"]
+        for dataset in manifest["datasets"]:
+            preds = _prediction_files(work, abbr, dataset)
+            result = work / "results" / abbr / f"{dataset}.json"
+            data = json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
+            if data is None or "error" in data:
+                why = f"its result says: {data['error']}" if data else "no result was written"
+                problems.append(f"opencompass: {abbr} on {dataset} failed ({why}); see {_failing_log(work, abbr, dataset, preds)}")
+                continue
+            for key, value in data.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    rows.append((mode, dataset, key, float(value), len(preds)))
+        want = (expected_sha or {}).get(mode)
+        if want is not None:
+            seen = _logged_fingerprints(work, abbr)
+            if seen and seen != {want}:
+                problems.append(f"opencompass: {abbr} evaluated weights with sha256 {', '.join(sorted(seen))} but llmc's {mode} model has {want}; see {work / 'logs' / 'infer' / abbr}.")
+    if problems:
+        raise LlmcError(*problems)
+    return rows
+
+
+def _prediction_files(work: Path, abbr: str, dataset: str) -> list[Path]:
+    folder = work / "predictions" / abbr
+    whole = folder / f"{dataset}.json"
+    return [whole] if whole.is_file() else sorted(folder.glob(f"{dataset}_[0-9]*.json"))
+
+
+def _failing_log(work: Path, abbr: str, dataset: str, preds: list[Path]) -> Path:
+    """The inference log of a shard without predictions, else the evaluation log."""
+    infer = sorted((work / "logs" / "infer" / abbr).glob(f"{dataset}*.out"))
+    done = {p.stem for p in preds}
+    for log_file in infer:
+        if log_file.stem not in done:
+            return log_file
+    if not preds and infer:
+        return infer[0]
+    eval_log = work / "logs" / "eval" / abbr / f"{dataset}.out"
+    return eval_log if eval_log.exists() or not infer else infer[0]
+
+
+def _logged_fingerprints(work: Path, abbr: str) -> set[str]:
+    seen = set()
+    for log_file in (work / "logs" / "infer" / abbr).glob("*.out"):
+        seen.update(m.group(1) for m in FINGERPRINT.finditer(log_file.read_text(encoding="utf-8", errors="replace")))
+    return seen
+
+
+def run_step(run: Any, options: Any) -> list[EvalRecord]:
+    """Evaluate the run's models with OpenCompass; one record per (position, dataset, metric)."""
+    start = time.perf_counter()
+    out = output_path(run.config, options)
+    models = model_folders(run, options)
+    gpus = visible_gpus()
+    settings = settings_for(options, out, models, gpus)
+    run_driver(options, out, settings, subprocess_env(options, out, gpus))
+    manifest = json.loads(Path(settings["manifest"]).read_text(encoding="utf-8"))
+    rows = read_results(manifest, {m["mode"]: m["sha256"] for m in models})
+    seconds = round(time.perf_counter() - start, 2)
+    for mode, dataset, metric, value, shards in rows:
+        log.info("opencompass: %s %s %s = %.2f (%d prediction shard(s))", mode, dataset, metric, value, shards)
+    log.info("opencompass: results in %s", manifest["work_dir"])
+    return [EvalRecord(mode, "opencompass", dataset, metric, value, seconds) for mode, dataset, metric, value, _ in rows]
