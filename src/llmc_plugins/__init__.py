@@ -6,6 +6,8 @@ DEFAULT_PLUGINS = (
     "llmc_plugins.models",
     "llmc_plugins.data",
     "llmc_plugins.methods.rtn",
+    "llmc_plugins.methods.awq",
     "llmc_plugins.evaluators.ppl",
+    "llmc_plugins.evaluators.opencompass",
     "llmc_plugins.savers",
 )

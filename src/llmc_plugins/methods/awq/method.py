@@ -1,0 +1,310 @@
+"""The ``Awq`` method: per-block scale search and folding, then optional weight clipping."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from llmc_core.api import Method, StrictModel
+from llmc_core.errors import LlmcError
+
+log = logging.getLogger("llmc.awq")
+
+# Keys ModelTC/llmc reads for AWQ (or for every block-wise method) that llmc does not implement:
+# rejected with the reason instead of being silently ignored.
+UNSUPPORTED = {
+    "do_gqa_trans": "scaling o_proj against v_proj under grouped-query attention is not implemented; remove the key (the o_proj group is skipped, as ModelTC does by default)",
+    "true_sequential": "AWQ in llmc always searches groups in order on the float block; remove the key",
+    "search_clip_init": "clip-initialisation for learnable-range methods is not implemented; use weight_clip: true",
+    "online_rotate": "online rotation belongs to QuaRot/SpinQuant, not AWQ; remove the key",
+}
+
+
+class AwqConfig(StrictModel):
+    """``quant.special`` for ``method: Awq`` (see :class:`Awq` for each field)."""
+
+    trans: bool = True
+    trans_version: Literal["v1", "v2"] = "v2"
+    n_grid: int = Field(default=20, ge=1, le=200)
+    awq_bs: int | None = Field(default=None, gt=0)
+    search_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    weight_clip: bool = False
+    clip_version: Literal["v1", "v2"] = "v1"
+    clip_sym: bool | None = None
+    clip_grid: int = Field(default=20, ge=1, le=200)
+    max_shrink: float = Field(default=0.5, gt=0, lt=1)
+    clip_tokens: int = Field(default=512, gt=0)
+    clip_check: bool = True
+    save_scale: bool = False
+    scale_path: str | None = None
+    save_clip: bool = False
+    clip_path: str | None = None
+    save_mem: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, why in UNSUPPORTED.items():
+                if key in data:
+                    raise ValueError(f"'{key}' is not supported by llmc's AWQ: {why}")
+        return data
+
+    @model_validator(mode="after")
+    def _paths_when_saving(self) -> AwqConfig:
+        if self.save_scale and not self.scale_path:
+            raise ValueError("save_scale: true needs scale_path (a folder for scales.pth)")
+        if self.save_clip and not self.clip_path:
+            raise ValueError("save_clip: true needs clip_path (a folder for clips.pth)")
+        if self.save_clip and not self.weight_clip:
+            raise ValueError("save_clip: true needs weight_clip: true (there are no clip ranges to save)")
+        if self.save_scale and not self.trans:
+            raise ValueError("save_scale: true needs trans: true (there are no scales to save)")
+        return self
+
+
+class Awq(Method):
+    """AWQ: activation-aware weight quantization (Lin et al., 2023, arXiv:2306.00978).
+
+    What it does, block by block on the cached calibration inputs: for each group of linear layers
+    that read the same input (Llama: q/k/v after the attention norm, o after v, gate/up after the MLP
+    norm, down after up) it searches a per-input-channel scale ``s = mean|x|^a`` over the grid
+    ``a = 0, 1/n_grid, ..., (n_grid-1)/n_grid`` (``trans_version: v1`` adds AutoAWQ's duo scaling
+    ``/ mean|w|^(1-a)``), normalised by ``sqrt(max(s)·min(s))``. The loss of a candidate is the mean
+    squared error of the group's inspect module (attention, MLP, or the layer itself) with weights
+    ``Q(W·diag(s))`` on inputs ``x/s``, summed over all calibration batches before choosing. The
+    best ``s`` is folded into the producing op (norm weight or previous layer's rows ``/= s``) and
+    the layers' input columns (``*= s``), so the float model computes the same function. With
+    ``weight_clip`` it then searches, per output row and quantization group, how far to shrink the
+    weight range (anchors' grid, q/k excluded) on a token subsample. Quantization itself is RTN
+    under ``quant.weight``. The chosen alpha and loss of every group are logged (``llmc.awq``) and
+    kept in ``self.log``.
+
+    What it does not do: fold into embeddings or ``lm_head`` (SmolLM2 ties them), scale o_proj
+    under grouped-query attention (the group is skipped and logged, as ModelTC does by default),
+    quantize activations, or choose on the first batch only (ModelTC does; llmc sums all batches).
+
+    Example (ModelTC/llmc's seed config, unchanged)::
+
+        quant:
+          method: Awq
+          weight: {bit: 4, symmetric: true, granularity: per_group, group_size: 128}
+          special:
+            trans: true
+            trans_version: v2
+            weight_clip: true
+            clip_sym: true
+
+    ``quant.special`` fields:
+
+    - ``trans`` (true): run the scale search; false leaves only clipping.
+    - ``trans_version`` (v2): ``v2`` is llm-awq's ``s = mean|x|^a``; ``v1`` is the duo scaling
+      ``mean|x|^a / mean|w|^(1-a)`` (``mean|w|``: ``|W|`` over its group max, averaged over rows and
+      layers); v1 also tries ``s = 1`` so it never loses to RTN.
+    - ``n_grid`` (20): grid points of the scale search.
+    - ``search_dtype`` (auto): precision of the search's forward passes through attention/MLP
+      (the reference output included). ``auto`` is bfloat16 for float32 models (the anchors search in
+      the model's fp16/bf16 on GPUs; on SmolLM2 it picks the same alphas as float32, 2-4x faster on
+      CPUs with bf16 units) and the model's dtype otherwise. Folding and the loss sums stay float32.
+    - ``awq_bs`` (none): split each calibration batch into sub-batches of this many samples for the
+      search's forward passes (memory only; the loss is the same). Default: as many samples as
+      make 8192 tokens, so memory does not grow with ``calib.n_samples``.
+    - ``weight_clip`` (false): search weight clipping after scaling.
+    - ``clip_version`` (v1): ``v1`` clamps the float weights in place (``transformed`` includes the
+      clipping); ``v2`` keeps the float weights and clamps when quantizing (``transformed`` equals
+      ``pretrain``); the quantized model is the same.
+    - ``clip_sym`` (``quant.weight.symmetric``): clip to ``±max|w|·f`` instead of ``[min·f, max·f]``.
+    - ``clip_grid`` (20) and ``max_shrink`` (0.5): shrink factors ``1 - i/clip_grid`` for
+      ``i < max_shrink·clip_grid``.
+    - ``clip_tokens`` (512): tokens in the clip search's subsample (every k-th token).
+    - ``clip_check`` (true): keep a block's clipping only if the block's quantized output error does
+      not grow (one extra pair of block forwards).
+    - ``save_scale`` / ``scale_path``: write ``{layer: s}`` to ``scale_path/scales.pth``.
+    - ``save_clip`` / ``clip_path``: write ``{layer: {lo, hi}}`` to ``clip_path/clips.pth``.
+    - ``save_mem`` (true): accepted for ModelTC configs; llmc always frees the search buffers.
+
+    Rejected with a reason: ``do_gqa_trans``, ``true_sequential``, ``search_clip_init``,
+    ``online_rotate``; any other unknown key is an error too.
+    """
+
+    name = "awq"
+    Config = AwqConfig
+
+    def __init__(self, options: AwqConfig, weight: Any):
+        super().__init__(options, weight)
+        self.scales: dict[str, Any] = {}
+        self.clips: dict[str, Any] = {}
+        self._n_blocks = 0
+
+    # -- runner hooks ----------------------------------------------------------------------------
+
+    def check_model(self, adapter: Any) -> None:
+        super().check_model(adapter)
+        blocks = adapter.blocks()
+        self._n_blocks = len(blocks)
+        try:
+            adapter.linear_groups(blocks[0])
+        except NotImplementedError as exc:
+            raise LlmcError(f"quant.method: AWQ needs the model's linear groups, and {exc}. Use a supported model.type (llmc plugins lists them) or quant.method: RTN.") from exc
+
+    def transform_block(self, ctx: Any) -> None:
+        opts = self.options
+        if opts.trans:
+            for group in ctx.adapter.linear_groups(ctx.block):
+                reason = group.extra.get("skip")
+                if reason:
+                    log.info("block %d %s: skipped (%s)", ctx.index, group.name, reason)
+                    self.log.append({"block": ctx.index, "group": group.name, "skipped": reason})
+                    continue
+                self._scale_group(ctx, group)
+        if opts.weight_clip:
+            self._clip_block(ctx)
+        if ctx.index == self._n_blocks - 1:
+            self._save_files()
+
+    def quantize_block(self, ctx: Any) -> dict[str, Any]:
+        import torch
+
+        with torch.no_grad():
+            for name, linear in ctx.adapter.quant_linears(ctx.block).items():
+                rng = self.clips.get(f"{ctx.prefix}.{name}") if self.options.clip_version == "v2" else None
+                if rng is not None:  # deferred clipping: clamp now, just before rounding
+                    linear.weight.data.copy_(rng.to(linear.weight.device).apply(linear.weight.data))
+        return super().quantize_block(ctx)
+
+    # -- scale search ----------------------------------------------------------------------------
+
+    def _scale_group(self, ctx: Any, group: Any) -> None:
+        import torch
+
+        from llmc_plugins.methods.awq import capture
+        from llmc_plugins.methods.awq import scale_search as ss
+
+        start = time.perf_counter()
+        block = ctx.block
+        layers = [block.get_submodule(n) for n in group.layers]
+        prev = block.get_submodule(group.prev)
+        size = ss.fold_target_size(prev)
+        if size != layers[0].in_features:
+            raise LlmcError(f"AWQ: cannot fold scales of group '{group.name}' into {group.prev} ({size} outputs) for layers with {layers[0].in_features} inputs; the model adapter's linear groups are wrong for this model.")
+        inspect = block.get_submodule(group.inspect or group.layers[0])
+        w_mean = ss.weight_mean(layers, self.weight) if self.options.trans_version == "v1" else None
+        if len(layers) == 1 and inspect is layers[0]:
+            lin = capture.capture_linear(ctx, layers[0])
+            cand = ss.candidates(lin.act.mean(), w_mean, self.options.n_grid)
+            losses = ss.linear_losses(layers[0], lin.gram, lin.act.count, cand, self.weight)
+            del lin
+        else:
+            dtype = self._search_dtype(layers[0])
+            cap = capture.capture_module(ctx, inspect, layers[0], keep_outputs=dtype == layers[0].weight.dtype)
+            cand = ss.candidates(cap.act.mean(), w_mean, self.options.n_grid)
+            losses = ss.module_losses(inspect, layers, cap, cand, self.weight, self.options.awq_bs, dtype)
+            del cap
+        best = int(torch.argmin(losses))
+        identity = cand.alphas.index(None) if None in cand.alphas else 0
+        s = cand.scales[best]
+        ss.fold_scales(prev, layers, s)
+        alpha, loss, rtn = cand.alphas[best], float(losses[best]), float(losses[identity])
+        seconds = time.perf_counter() - start
+        shown = "identity" if alpha is None else f"{alpha:.2f}"
+        log.info("block %d %s: alpha=%s loss=%.4g (alpha 0 / RTN: %.4g, %+.1f%%) %.1f s", ctx.index, group.name, shown, loss, rtn, 100 * (loss / rtn - 1) if rtn else 0.0, seconds)
+        self.log.append({"block": ctx.index, "group": group.name, "alpha": alpha, "loss": loss, "loss_rtn": rtn, "seconds": round(seconds, 2)})
+        if self.options.save_scale:
+            for n in group.layers:
+                self.scales[f"{ctx.prefix}.{n}"] = s.detach().cpu()
+
+    def _search_dtype(self, layer: Any) -> Any:
+        import torch
+
+        name = self.options.search_dtype
+        if name == "auto":
+            return torch.bfloat16 if layer.weight.dtype == torch.float32 else layer.weight.dtype
+        return getattr(torch, name)
+
+    # -- weight clipping -------------------------------------------------------------------------
+
+    def _clip_block(self, ctx: Any) -> None:
+        import torch
+
+        from llmc_plugins.methods.awq import capture
+        from llmc_plugins.methods.awq.clip import (
+            clip_group_size,
+            clippable,
+            search_clip,
+        )
+
+        start = time.perf_counter()
+        opts = self.options
+        sym = self.weight.symmetric if opts.clip_sym is None else opts.clip_sym
+        linears = {n: m for n, m in ctx.adapter.quant_linears(ctx.block).items() if clippable(n)}
+        grams = capture.capture_group_grams(ctx, {n: (m, clip_group_size(self.weight, m.in_features)) for n, m in linears.items()}, opts.clip_tokens)
+        ranges, errs = {}, {}
+        for name, layer in linears.items():
+            g, tokens = grams.pop(name)
+            ranges[name], before, after = search_clip(layer.weight.data, g, tokens, self.weight, sym, opts.clip_grid, opts.max_shrink)
+            errs[name] = (before, after, float((ranges[name].shrink < 1).float().mean()))
+        kept = True
+        if opts.clip_check:
+            ref = ctx.forward()
+            plain = block_quant_loss(ctx, ref, self.weight, {})
+            clipped = block_quant_loss(ctx, ref, self.weight, ranges)
+            kept = clipped <= plain
+            log.info("block %d clip: block loss %.4g -> %.4g%s", ctx.index, plain, clipped, "" if kept else " (worse: clipping dropped for this block)")
+            self.log.append({"block": ctx.index, "group": "clip", "loss_rtn": plain, "loss": clipped, "kept": kept})
+        for name, (before, after, frac) in errs.items():
+            log.debug("block %d clip %s: error %.4g -> %.4g, %.0f%% of groups clipped", ctx.index, name, before, after, 100 * frac)
+        if kept:
+            with torch.no_grad():
+                for name, rng in ranges.items():
+                    full = f"{ctx.prefix}.{name}"
+                    if opts.clip_version == "v1":
+                        linears[name].weight.data.copy_(rng.apply(linears[name].weight.data))
+                    if opts.clip_version == "v2" or opts.save_clip:
+                        self.clips[full] = rng.to("cpu") if opts.clip_version == "v1" else rng
+        log.info("block %d clip: %d layers in %.1f s", ctx.index, len(linears), time.perf_counter() - start)
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def _save_files(self) -> None:
+        if self.options.save_scale:
+            _atomic_torch_save(self.scales, Path(self.options.scale_path) / "scales.pth")
+        if self.options.save_clip:
+            data = {n: {"lo": r.lo.cpu(), "hi": r.hi.cpu()} for n, r in self.clips.items()}
+            _atomic_torch_save(data, Path(self.options.clip_path) / "clips.pth")
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    log.info("wrote %s", path)
+
+
+def block_quant_loss(ctx: Any, reference: list[Any], spec: Any, ranges: dict[str, Any]) -> float:
+    """Mean squared error of the block with every linear layer fake-quantized (clamped first to
+    ``ranges[name]`` where given) against ``reference`` outputs; the weights are restored after."""
+    import torch
+
+    from llmc_core.quant.fake import fake_quantize
+
+    linears = ctx.adapter.quant_linears(ctx.block)
+    originals = {n: m.weight.data for n, m in linears.items()}
+    try:
+        with torch.no_grad():
+            for n, m in linears.items():
+                w = ranges[n].apply(m.weight.data) if n in ranges else m.weight.data
+                m.weight.data = fake_quantize(w, spec)
+            outs = ctx.forward()
+    finally:
+        for n, m in linears.items():
+            m.weight.data = originals[n]
+    total = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outs, reference))
+    return total / sum(r.numel() for r in reference)

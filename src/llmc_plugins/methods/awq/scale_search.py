@@ -1,0 +1,192 @@
+"""AWQ's per-channel scale search for one group of linear layers, and folding the chosen scales.
+
+For a group whose layers read ``x``, a candidate scale ``s`` (one per input channel) replaces each
+layer's weight ``W`` by ``Q(W·diag(s))·diag(s)^-1`` -- the quantized weight the layer will have once
+``s`` is folded into the op producing ``x`` -- and the loss is the mean squared error of the
+inspect module's output against the float output, summed over *all* calibration batches before the
+best candidate is picked.
+
+Two evaluation paths give that same loss:
+- module path (inspect is e.g. the attention or the MLP): the float output is computed once per
+  group, the quantized weights of all grid points once (one batched quantize-dequantize), then the
+  inspect module runs once per grid point and batch;
+- linear path (inspect is the group's only linear layer, as for o_proj and down_proj): the output
+  error of ``ΔW = Q(W·s)/s - W`` over tokens ``X`` is ``tr(ΔW XᵀX ΔWᵀ) / (tokens·out)``, so ``XᵀX``
+  is accumulated once and every grid point costs one ``[out, in] x [in, in]`` product instead of a
+  pass over the tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmc_core.quant.fake import fake_quantize_, group_view
+from llmc_plugins.methods.awq.capture import ModuleCapture, first_tensor
+
+
+@dataclass
+class Candidates:
+    """The scale grid: ``scales`` is ``[P, in]``; ``alphas[p]`` is the exponent (None: identity)."""
+
+    scales: torch.Tensor
+    alphas: list[float | None]
+
+
+def weight_mean(layers: list[torch.nn.Linear], spec: Any) -> torch.Tensor:
+    """ModelTC's (``trans_version: v1``) weight statistic: per layer, ``|W|`` divided by its
+    quantization group's max, averaged over output rows; then averaged over the layers."""
+    total = None
+    for layer in layers:
+        w = layer.weight.detach().float()
+        wg = group_view(w, spec).abs()
+        rel = (wg / wg.amax(dim=-1, keepdim=True).clamp(min=1e-12)).reshape(w.shape).mean(0)
+        total = rel if total is None else total + rel
+    return total / len(layers)
+
+
+def candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: int) -> Candidates:
+    """``s = mean|x|^a`` (``w_mean`` None, llm-awq / ``v2``) or ``mean|x|^a / mean|w|^(1-a)``
+    (duo scaling, AutoAWQ / ``v1``) for ``a = 0, 1/n_grid, ..., (n_grid-1)/n_grid``, each
+    normalised by ``sqrt(max(s)·min(s))``. With duo scaling ``a = 0`` is not the identity, so the
+    identity (plain RTN) is added as an extra candidate: the search can never do worse than RTN."""
+    x_mean = x_mean.float()
+    alphas: list[float | None] = [i / n_grid for i in range(n_grid)]
+    a = torch.tensor(alphas, device=x_mean.device).view(-1, 1)
+    s = x_mean.view(1, -1).pow(a)
+    if w_mean is not None:
+        s = s / w_mean.float().clamp(min=1e-8).view(1, -1).pow(1 - a)
+    s = s.clamp(min=1e-4)
+    s = s / (s.amax(dim=1, keepdim=True) * s.amin(dim=1, keepdim=True)).sqrt()
+    if w_mean is not None:
+        s = torch.cat([s, torch.ones_like(s[:1])])
+        alphas.append(None)
+    return Candidates(s, alphas)
+
+
+def quantized_weights(w: torch.Tensor, scales: torch.Tensor, spec: Any) -> torch.Tensor:
+    """``Q(W·diag(s))·diag(s)^-1`` for every candidate: ``[P, out, in]`` float32, one batched call."""
+    s = scales.view(scales.shape[0], 1, -1)
+    wq = fake_quantize_((w.float().unsqueeze(0) * s).contiguous(), spec)
+    return wq.div_(s)
+
+
+# Without ``awq_bs``, forward passes in the search take at most this many tokens at a time: the
+# loss is the same, and memory stays flat however many calibration samples there are.
+CHUNK_TOKENS = 8192
+
+
+def _chunks(args: tuple, kwargs: dict, size: int | None):
+    """Split one batch's call into sub-batches of ``size`` samples (``awq_bs``; default: as many as
+    make :data:`CHUNK_TOKENS` tokens). Tensors whose first dimension is not the batch size (e.g.
+    position embeddings shared by the batch) are passed whole."""
+    x = _hidden(args, kwargs)
+    n = x.shape[0]
+    if size is None:
+        size = max(1, CHUNK_TOKENS // max(1, x[0].numel() // x.shape[-1]))
+    if size >= n:
+        yield args, kwargs
+        return
+
+    def cut(v: Any, i: int) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n:
+            return v[i : i + size]
+        if isinstance(v, (tuple, list)):
+            return type(v)(cut(x, i) for x in v)
+        return v
+
+    for i in range(0, n, size):
+        yield tuple(cut(a, i) for a in args), {k: cut(v, i) for k, v in kwargs.items()}
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden-state input of a recorded call (first positional, or ``hidden_states=``)."""
+    return args[0] if args else kwargs.get("hidden_states", next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+
+
+def _cast(v: Any, dtype: torch.dtype) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype) if v.is_floating_point() else v
+    if isinstance(v, (tuple, list)):
+        return type(v)(_cast(x, dtype) for x in v)
+    if isinstance(v, dict):
+        return {k: _cast(x, dtype) for k, x in v.items()}
+    return v
+
+
+@torch.no_grad()
+def module_losses(inspect: torch.nn.Module, layers: list[torch.nn.Linear], cap: ModuleCapture, cand: Candidates, spec: Any, awq_bs: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Loss of every candidate through the inspect module (module path); returns ``[P]`` float64.
+
+    ``dtype`` (e.g. bfloat16) runs the search's forward passes on a copy of the inspect module in
+    that precision, the reference output included, as the anchors do with fp16 models on GPUs.
+    """
+    calls, refs = cap.calls, cap.outputs
+    if dtype is not None and dtype != layers[0].weight.dtype:
+        import copy
+
+        names = {m: n for n, m in inspect.named_modules()}
+        inspect = copy.deepcopy(inspect).to(dtype)
+        layers = [inspect.get_submodule(names[layer]) for layer in layers]
+        calls = [(_cast(a, dtype), _cast(kw, dtype)) for a, kw in calls]
+        refs = [torch.cat([first_tensor(inspect(*a, **kw)) for a, kw in _chunks(args, kwargs, awq_bs)]) for args, kwargs in calls]
+    originals = [layer.weight.data for layer in layers]
+    # The grid's weights, quantized a few candidates per batched call and kept in the search dtype.
+    qweights = [torch.cat([quantized_weights(w, part, spec).to(w.dtype) for part in cand.scales.split(5)]) for w in originals]
+    numel = sum(o.numel() for o in refs)
+    losses = torch.zeros(len(cand.alphas), dtype=torch.float64)
+    try:
+        for p in range(len(cand.alphas)):
+            for layer, wq in zip(layers, qweights):
+                layer.weight.data = wq[p]
+            total = 0.0
+            for (args, kwargs), ref in zip(calls, refs):
+                start = 0
+                for a, kw in _chunks(args, kwargs, awq_bs):
+                    out = first_tensor(inspect(*a, **kw))
+                    diff = out.float() - ref[start : start + out.shape[0]].float()
+                    total += float(diff.pow_(2).sum())
+                    start += out.shape[0]
+            losses[p] = total / numel
+    finally:
+        for layer, w in zip(layers, originals):
+            layer.weight.data = w
+    return losses
+
+
+@torch.no_grad()
+def linear_losses(layer: torch.nn.Linear, gram: torch.Tensor, tokens: int, cand: Candidates, spec: Any) -> torch.Tensor:
+    """Loss of every candidate for a group whose inspect module is its one linear layer (linear
+    path): ``tr(ΔW G ΔWᵀ) / (tokens·out)`` with ``G = XᵀX``; returns ``[P]`` float64."""
+    w = layer.weight.data.float()
+    dw = quantized_weights(w, cand.scales, spec).sub_(w)
+    # Batch over a few candidates at a time: [p, out, in] @ [in, in] stays a large matmul.
+    losses = []
+    for part in dw.split(4):
+        losses.append((torch.matmul(part, gram) * part).sum(dim=(1, 2)).double())
+    return torch.cat(losses) / (tokens * w.shape[0])
+
+
+@torch.no_grad()
+def fold_scales(prev: torch.nn.Module, layers: list[torch.nn.Linear], s: torch.Tensor) -> None:
+    """Fold ``s`` in exactly: ``prev``'s output channels are divided by ``s`` (a norm's weight and
+    bias, or a linear layer's rows and bias) and each layer's input columns multiplied by ``s``."""
+    s = s.to(prev.weight.device)
+    if isinstance(prev, torch.nn.Linear):
+        prev.weight.div_(s.view(-1, 1).to(prev.weight.dtype))
+    else:
+        prev.weight.div_(s.to(prev.weight.dtype))
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.div_(s.to(prev.bias.dtype))
+    for layer in layers:
+        layer.weight.mul_(s.view(1, -1).to(layer.weight.dtype))
+
+
+def fold_target_size(prev: torch.nn.Module) -> int | None:
+    """How many channels ``prev`` produces (None when it is neither a linear layer nor a norm)."""
+    if isinstance(prev, torch.nn.Linear):
+        return prev.out_features
+    w = getattr(prev, "weight", None)
+    return w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 1 else None

@@ -1,0 +1,326 @@
+"""AWQ: scale folding, the scale and clip searches, config checks, and runs end to end.
+
+Unit tests use a tiny random Llama (seconds). The one ``slow`` test runs the real SmolLM2-135M on
+a few calibration samples and WikiText-2 windows; the speed/accuracy table comes from
+``benchmarks/awq_speed.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from llmc_core import config
+from llmc_core.blockwise import BlockContext, capture_block_inputs
+from llmc_core.errors import LlmcError
+from llmc_core.quant import QuantSpec
+from llmc_core.quant.fake import fake_quantize, fake_quantize_
+from llmc_core.run import Run
+from llmc_core.testing import (
+    read_results,
+    run_cli,
+    run_config,
+    tiny_llama,
+    write_config,
+)
+from llmc_plugins.methods.awq import Awq, capture
+from llmc_plugins.methods.awq import scale_search as ss
+from llmc_plugins.methods.awq.clip import clippable, search_clip
+from llmc_plugins.methods.awq.method import AwqConfig, block_quant_loss
+from llmc_plugins.models.families import LlamaAdapter
+
+SPEC3 = QuantSpec(bit=3, symmetric=False, granularity="per_group", group_size=32)
+
+
+def block_ctx(kv_heads=4, n_batches=3, bs=2, seq=32, seed=0, index=0):
+    """Block ``index`` of a tiny Llama with its cached inputs (``n_batches`` batches)."""
+    model = tiny_llama(kv_heads=kv_heads, seed=seed)
+    adapter = LlamaAdapter(model)
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(4, 128, (bs, seq), generator=gen) for _ in range(n_batches)]
+    inputs, kwargs = capture_block_inputs(model, adapter, batches, torch.device("cpu"))
+    ctx = BlockContext(0, adapter.blocks()[0], adapter.block_prefix(0), adapter, inputs, kwargs, torch.device("cpu"))
+    if index:
+        with torch.no_grad():
+            outs = ctx.forward()
+        ctx = BlockContext(index, adapter.blocks()[index], adapter.block_prefix(index), adapter, outs, kwargs, torch.device("cpu"))
+    return model, ctx
+
+
+def method(spec=SPEC3, **special):
+    m = Awq(AwqConfig(**special), spec)
+    return m
+
+
+@torch.no_grad()
+def reference(ctx):
+    return ctx.forward()
+
+
+# -- the quantize-dequantize kernel ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_inplace_fake_quantize_is_bit_identical(sym):
+    spec = QuantSpec(bit=4, symmetric=sym, granularity="per_group", group_size=16)
+    w = torch.randn(5, 24, 64)
+    assert torch.equal(fake_quantize_(w.clone(), spec), fake_quantize(w, spec))
+
+
+# -- folding -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_scale_folding_leaves_block_outputs_unchanged(kv_heads):
+    _, ctx = block_ctx(kv_heads=kv_heads)
+    before = reference(ctx)
+    m = method()
+    m.check_model(ctx.adapter)
+    with torch.no_grad():
+        m.transform_block(ctx)
+    after = reference(ctx)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    groups = {e["group"] for e in m.log if "alpha" in e}
+    assert groups == ({"qkv", "o", "gate_up", "down"} if kv_heads == 4 else {"qkv", "gate_up", "down"})
+    if kv_heads == 2:  # GQA: o_proj cannot be scaled against v_proj, and the log says so
+        assert any(e["group"] == "o" and "grouped-query" in e["skipped"] for e in m.log)
+
+
+def test_fold_scales_into_linear_and_norm_is_exact():
+    torch.manual_seed(0)
+    norm, prev, layer = torch.nn.RMSNorm(16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 16)
+    ref = layer(prev(norm(x)))
+    s = torch.rand(16) + 0.5
+    with torch.no_grad():
+        ss.fold_scales(prev, [layer], s)
+        torch.testing.assert_close(layer(prev(norm(x))), ref)
+        ss.fold_scales(norm, [prev], s)
+        torch.testing.assert_close(layer(prev(norm(x))), ref)
+
+
+# -- the scale search --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_chosen_scales_never_lose_to_alpha_zero(version):
+    _, ctx = block_ctx()
+    m = method(trans_version=version)
+    m.check_model(ctx.adapter)
+    with torch.no_grad():
+        m.transform_block(ctx)
+    searched = [e for e in m.log if "alpha" in e]
+    assert len(searched) == 4
+    for e in searched:
+        assert e["loss"] <= e["loss_rtn"]
+    assert any(e["loss"] < e["loss_rtn"] for e in searched)  # the search does find something
+
+
+def test_search_lowers_the_quantized_block_loss():
+    _, ctx = block_ctx()
+    ref = reference(ctx)
+    rtn = block_quant_loss(ctx, ref, SPEC3, {})
+    m = method()
+    m.check_model(ctx.adapter)
+    with torch.no_grad():
+        m.transform_block(ctx)
+    assert block_quant_loss(ctx, ref, SPEC3, {}) < rtn
+
+
+def test_alpha_zero_candidate_is_identity_and_normalised():
+    x_mean = torch.rand(32) + 0.1
+    c = ss.candidates(x_mean, None, 20)
+    assert c.scales.shape == (20, 32) and c.alphas[0] == 0.0 and c.alphas[-1] == pytest.approx(0.95)
+    assert torch.equal(c.scales[0], torch.ones(32))
+    torch.testing.assert_close(c.scales.amax(1) * c.scales.amin(1), torch.ones(20))
+    duo = ss.candidates(x_mean, torch.rand(32) + 0.1, 20)
+    assert duo.alphas[-1] is None and torch.equal(duo.scales[-1], torch.ones(32))
+
+
+def test_linear_path_loss_equals_running_the_layer():
+    """The Gram-matrix shortcut gives the loss a forward pass over the tokens gives."""
+    _, ctx = block_ctx()
+    down = ctx.block.mlp.down_proj
+    lin = capture.capture_linear(ctx, down)
+    cand = ss.candidates(lin.act.mean(), None, 20)
+    fast = ss.linear_losses(down, lin.gram, lin.act.count, cand, SPEC3)
+    slow = ss.module_losses(down, [down], capture.capture_module(ctx, down, down), cand, SPEC3)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=0)
+
+
+def test_loss_is_accumulated_over_all_batches():
+    """The loss per candidate is the MSE over every batch, not the first batch's."""
+    _, ctx = block_ctx(n_batches=3)
+    mlp = ctx.block.mlp
+    layers = [mlp.gate_proj, mlp.up_proj]
+    cap = capture.capture_module(ctx, mlp, mlp.gate_proj)
+    assert len(cap.outputs) == 3
+    cand = ss.candidates(cap.act.mean(), None, 10)
+    all_batches = ss.module_losses(mlp, layers, cap, cand, SPEC3)
+    per_batch = []
+    for i in range(3):
+        one = capture.ModuleCapture([cap.calls[i]], [cap.outputs[i]], cap.act)
+        per_batch.append(ss.module_losses(mlp, layers, one, cand, SPEC3))
+    torch.testing.assert_close(all_batches, sum(per_batch) / 3)  # equal-size batches
+    assert not torch.equal(per_batch[0], all_batches)
+
+
+def test_awq_bs_splits_batches_without_changing_the_loss():
+    _, ctx = block_ctx(n_batches=1, bs=4)
+    attn = ctx.block.self_attn
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    cap = capture.capture_module(ctx, attn, attn.q_proj)
+    cand = ss.candidates(cap.act.mean(), None, 5)
+    torch.testing.assert_close(ss.module_losses(attn, layers, cap, cand, SPEC3, awq_bs=1), ss.module_losses(attn, layers, cap, cand, SPEC3))
+
+
+# -- clipping ----------------------------------------------------------------------------------
+
+
+def test_clip_skips_queries_and_keys():
+    assert not clippable("self_attn.q_proj") and not clippable("self_attn.k_proj")
+    assert all(clippable(n) for n in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+
+
+@pytest.mark.parametrize("clip_sym", [True, False])
+def test_clip_search_never_increases_layer_error(clip_sym):
+    torch.manual_seed(0)
+    w = torch.randn(64, 96)
+    w[:, 5] *= 8  # an outlier column makes clipping worth it
+    x = torch.randn(200, 96)
+    grams = torch.einsum("tgi,tgj->gij", x.view(200, 3, 32), x.view(200, 3, 32))
+    rng, before, after = search_clip(w, grams, 200, SPEC3, clip_sym)
+    assert after <= before and (rng.shrink < 1).any()
+    # the error it reports is the real output error of each group
+    def err(wq):
+        return float(((x.view(200, 3, 32).unsqueeze(1) * (wq - w).view(1, 64, 3, 32)).sum(-1) ** 2).mean(0).sum())
+    assert err(fake_quantize(w, SPEC3)) == pytest.approx(before, rel=1e-4)
+    assert err(fake_quantize(rng.apply(w), SPEC3)) == pytest.approx(after, rel=1e-4)
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_clipping_never_increases_block_loss(check):
+    """Guaranteed with ``clip_check`` (the default); without it, the per-group search alone."""
+    _, ctx = block_ctx()
+    ref = reference(ctx)
+    plain = block_quant_loss(ctx, ref, SPEC3, {})
+    m = method(trans=False, weight_clip=True, clip_check=check)
+    m.check_model(ctx.adapter)
+    with torch.no_grad():
+        m.transform_block(ctx)
+    clipped = block_quant_loss(ctx, ref, SPEC3, {})  # clip v1 clamped the float weights
+    assert clipped <= plain
+    if check:
+        entry = next(e for e in m.log if e["group"] == "clip")
+        assert entry["kept"] and entry["loss"] == pytest.approx(clipped, rel=1e-5)
+
+
+def test_clip_v2_keeps_float_weights_and_quantizes_like_v1():
+    _, ctx1 = block_ctx()
+    _, ctx2 = block_ctx()
+    before = reference(ctx2)
+    m1, m2 = method(weight_clip=True, clip_check=False), method(weight_clip=True, clip_check=False, clip_version="v2")
+    for m, ctx in ((m1, ctx1), (m2, ctx2)):
+        m.check_model(ctx.adapter)
+        with torch.no_grad():
+            m.transform_block(ctx)
+    for a, b in zip(before, reference(ctx2)):  # v2: float block unchanged by clipping
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    m1.quantize_block(ctx1)
+    m2.quantize_block(ctx2)
+    for (n, l1), l2 in zip(ctx1.adapter.quant_linears(ctx1.block).items(), ctx2.adapter.quant_linears(ctx2.block).values()):
+        torch.testing.assert_close(l1.weight, l2.weight, rtol=0, atol=1e-5, msg=n)
+
+
+def test_save_clip_writes_the_ranges_of_clipped_layers(tmp_path):
+    _, ctx = block_ctx(index=1)  # the last block: files are written when it is done
+    m = method(weight_clip=True, save_clip=True, clip_path=str(tmp_path))
+    m.check_model(ctx.adapter)
+    with torch.no_grad():
+        m.transform_block(ctx)
+    clips = torch.load(tmp_path / "clips.pth")
+    assert "model.layers.1.mlp.down_proj" in clips and not any("q_proj" in k or "k_proj" in k for k in clips)
+    lo, hi = clips["model.layers.1.mlp.down_proj"]["lo"], clips["model.layers.1.mlp.down_proj"]["hi"]
+    assert lo.shape == hi.shape == (64, 128 // 32, 1) and (lo <= hi).all()
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_seed_config_special_validates():
+    cfg = AwqConfig.model_validate({"trans": True, "trans_version": "v2", "weight_clip": True, "clip_sym": True})
+    assert cfg.weight_clip and cfg.clip_sym and cfg.n_grid == 20
+
+
+@pytest.mark.parametrize(
+    "special, message",
+    [
+        ({"trans_version": "v3"}, "quant.special.trans_version"),
+        ({"clip_version": "v9"}, "quant.special.clip_version"),
+        ({"awq_bs": 0}, "quant.special.awq_bs"),
+        ({"weight_clp": True}, "unknown key"),
+        ({"do_gqa_trans": True}, "'do_gqa_trans' is not supported"),
+        ({"true_sequential": True}, "'true_sequential' is not supported"),
+        ({"save_scale": True}, "save_scale: true needs scale_path"),
+        ({"save_clip": True, "clip_path": "/tmp/x", "weight_clip": False}, "needs weight_clip: true"),
+        ({"save_clip": True, "weight_clip": True}, "needs clip_path"),
+    ],
+)
+def test_bad_special_keys_are_clear_errors(special, message, tiny_model_dir, tiny_text_file, tmp_path):
+    cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", method="Awq", special=special)
+    with pytest.raises(LlmcError) as exc:
+        config.validate(cfg)
+    text = "\n".join(exc.value.problems)
+    assert message in text and "quant.special" in text
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+
+def test_end_to_end_tiny_run_via_cli(tiny_model_dir, tiny_text_file, tmp_path, caplog):
+    out = tmp_path / "out"
+    special = {"trans": True, "trans_version": "v2", "weight_clip": False, "save_scale": True, "scale_path": str(tmp_path / "scales")}
+    cfg = run_config(tiny_model_dir, tiny_text_file, out, method="Awq", bit=3, special=special)
+    cfg["eval"].update(eval_pos=["pretrain", "transformed", "fake_quant"], num_samples=8)
+    path = write_config(tmp_path / "awq.yml", cfg)
+    with caplog.at_level(logging.INFO, logger="llmc.awq"):
+        result = run_cli("run", str(path))
+    assert result.exit_code == 0, result.stderr
+    res = read_results(out)
+    pre = res[("pretrain", "ppl", "custom", "perplexity")]
+    assert res[("transformed", "ppl", "custom", "perplexity")] == pytest.approx(pre, abs=0.01)
+    assert res[("fake_quant", "ppl", "custom", "perplexity")] > 0
+    assert "alpha=" in caplog.text and "o: skipped" in caplog.text  # the tiny model uses GQA
+    scales = torch.load(tmp_path / "scales" / "scales.pth")
+    assert "model.layers.1.mlp.down_proj" in scales and "model.layers.0.self_attn.o_proj" not in scales
+
+
+def test_shipped_configs_validate(monkeypatch, tmp_path, shared_data, smollm2_path):
+    monkeypatch.setenv("LLMC_OUT", str(tmp_path))
+    monkeypatch.setenv("LLMC_DATA", str(shared_data))
+    assert config.load("configs/quickstart/awq_w4g64_smollm2.yml").method is Awq
+    monkeypatch.setenv("LLMC_MODEL", str(smollm2_path))
+    monkeypatch.setenv("LLMC_CALIB", str(shared_data / "c4" / "c4-train.00000-of-01024.first1000.jsonl"))
+    cfg = config.load("configs/quantization/awq_w4a16g128.yml", ["model.type=SmolLM2"])
+    assert cfg.special.weight_clip and cfg.special.clip_sym and cfg.weight.group_size == 128
+
+
+@pytest.mark.slow
+def test_smollm2_awq_beats_rtn(smollm2_path, shared_data, tmp_path):
+    """Real model, 2 calibration samples of 256 tokens, 1 WikiText-2 window: transformed equals
+    pretrain, and AWQ's fake_quant perplexity is below RTN's on the same window."""
+    common = [f"eval.path={shared_data / 'wikitext2' / 'wiki.test.raw'}", "eval.num_samples=1"]
+    awq = config.load(
+        "configs/quickstart/awq_w4g64_smollm2.yml",
+        [*common, f"save.save_path={tmp_path / 'awq'}", f"calib.path={shared_data / 'c4' / 'c4-train.00000-of-01024.first1000.jsonl'}", "calib.n_samples=2", "calib.seq_len=256", "quant.weight.bit=3", "quant.special.weight_clip=true", "quant.special.clip_version=v2"],
+    )
+    res = {r.position: r.value for r in Run(awq).execute()}
+    assert res["transformed"] == pytest.approx(res["pretrain"], abs=0.01)
+    rtn = config.load("configs/quickstart/rtn_w4g64_smollm2.yml", [*common, f"save.save_path={tmp_path / 'rtn'}", "quant.weight.bit=3"])
+    rtn_ppl = {r.position: r.value for r in Run(rtn).execute()}["fake_quant"]
+    assert res["fake_quant"] < rtn_ppl
