@@ -50,18 +50,15 @@ class Perplexity(Evaluator):
 
             raise LlmcError(f"eval.seq_len: the {config.name} text has {ids.numel()} tokens, fewer than one window of {config.seq_len}.")
         windows = ids[: n_windows * config.seq_len].reshape(n_windows, config.seq_len)
-        logits_fn = _per_block_logits if config.inference_per_block else _whole_model_logits
+        hidden_fn = _per_block_hidden if config.inference_per_block else _whole_model_hidden
+        head = run.model.get_output_embeddings()
         nll, count = 0.0, 0
         with torch.no_grad():
             from llmc_core.run import progress
 
             for i in progress(range(0, n_windows, config.bs), desc=f"ppl {position}"):
                 batch = windows[i : i + config.bs].to(run.device)
-                logits = logits_fn(run, batch)
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
-                )
-                nll += loss.item()
+                nll += _sum_nll(hidden_fn(run, batch), batch, head)
                 count += batch[:, 1:].numel()
         ppl = math.exp(nll / count)
         return [EvalRecord(position, self.name, config.name, "perplexity", ppl, round(time.perf_counter() - start, 2))]
@@ -76,19 +73,41 @@ def _token_ids(run, config):
     return run.cache[key]
 
 
-def _whole_model_logits(run, batch):
+# Logits of a whole window (2048 x 49152 floats for SmolLM2 = 400 MB, twice with the softmax) would
+# dominate the memory of a small model's run: the head is applied a slice of positions at a time.
+HEAD_CHUNK = 512
+
+
+def _sum_nll(hidden, batch, head):
+    """Summed next-token cross-entropy of ``batch`` from the final hidden states, ``HEAD_CHUNK``
+    positions at a time."""
+    import torch
+
+    total = 0.0
+    last = hidden.shape[1] - 1
+    for s in range(0, last, HEAD_CHUNK):
+        e = min(s + HEAD_CHUNK, last)
+        logits = head(hidden[:, s:e]).float()
+        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, s + 1 : e + 1].reshape(-1), reduction="sum").item()
+    return total
+
+
+def _whole_model_hidden(run, batch):
     run.model.to(run.device)
-    return run.model(input_ids=batch, use_cache=False).logits
+    return run.model.base_model(input_ids=batch, use_cache=False).last_hidden_state
 
 
-def _per_block_logits(run, batch):
+def _per_block_hidden(run, batch):
     from llmc_core.blockwise import capture_block_inputs, run_blocks
 
     inputs, kwargs = capture_block_inputs(run.model, run.adapter, [batch], run.device)
     hidden = run_blocks(run.adapter, inputs, kwargs, run.device)[0]
+    head = run.model.get_output_embeddings()
     for module in run.adapter.post_block_modules():
-        module.to(run.device)
-        hidden = module(hidden)
+        if module is not head:  # the final norm; the head is applied in slices by _sum_nll
+            module.to(run.device)
+            hidden = module(hidden)
+    head.to(run.device)
     return hidden
 
 
