@@ -59,6 +59,14 @@ def reference(ctx):
     return ctx.forward()
 
 
+def capture_module(ctx, inspect, layers):
+    return capture.capture_block(ctx, [capture.Target("t", inspect, layers)]).modules["t"]
+
+
+def capture_linear(ctx, layer):
+    return capture.capture_block(ctx, [capture.Target("t", layer, [layer], linear=True)]).linears["t"]
+
+
 # -- the quantize-dequantize kernel ------------------------------------------------------------
 
 
@@ -146,10 +154,10 @@ def test_linear_path_loss_equals_running_the_layer():
     """The Gram-matrix shortcut gives the loss a forward pass over the tokens gives."""
     _, ctx = block_ctx()
     down = ctx.block.mlp.down_proj
-    lin = capture.capture_linear(ctx, down)
+    lin = capture_linear(ctx, down)
     cand = ss.candidates(lin.act.mean(), None, 20)
     fast = ss.linear_losses(down, lin.gram, lin.act.count, cand, SPEC3)
-    slow = ss.module_losses(down, [down], capture.capture_module(ctx, down, down), cand, SPEC3)
+    slow = ss.module_losses(down, [down], capture_module(ctx, down, [down]), cand, SPEC3)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=0)
 
 
@@ -158,7 +166,7 @@ def test_loss_is_accumulated_over_all_batches():
     _, ctx = block_ctx(n_batches=3)
     mlp = ctx.block.mlp
     layers = [mlp.gate_proj, mlp.up_proj]
-    cap = capture.capture_module(ctx, mlp, mlp.gate_proj)
+    cap = capture_module(ctx, mlp, layers)
     assert len(cap.outputs) == 3
     cand = ss.candidates(cap.act.mean(), None, 10)
     all_batches = ss.module_losses(mlp, layers, cap, cand, SPEC3)
@@ -174,9 +182,72 @@ def test_awq_bs_splits_batches_without_changing_the_loss():
     _, ctx = block_ctx(n_batches=1, bs=4)
     attn = ctx.block.self_attn
     layers = [attn.q_proj, attn.k_proj, attn.v_proj]
-    cap = capture.capture_module(ctx, attn, attn.q_proj)
+    cap = capture_module(ctx, attn, layers)
     cand = ss.candidates(cap.act.mean(), None, 5)
     torch.testing.assert_close(ss.module_losses(attn, layers, cap, cand, SPEC3, awq_bs=1), ss.module_losses(attn, layers, cap, cand, SPEC3))
+
+
+def test_one_forward_capture_stays_valid_after_folding():
+    """What the block's single capture forward recorded equals a fresh capture after a group's
+    scales are folded: other groups' inputs are unchanged, the group's own Gram matrices are those
+    of ``x / s`` (as the clip search rescales them), and so are the block outputs."""
+    from llmc_plugins.methods.awq.clip import rescale_grams
+
+    _, ctx = block_ctx()
+    attn, mlp = ctx.block.self_attn, ctx.block.mlp
+    qkv = capture.Target("qkv", attn, [attn.q_proj, attn.k_proj, attn.v_proj])
+    gu = capture.Target("gate_up", mlp, [mlp.gate_proj, mlp.up_proj])
+    clip_layers = {"self_attn.v_proj": (attn.v_proj, 32), "mlp.down_proj": (mlp.down_proj, 32)}
+    before = capture.capture_block(ctx, [qkv, gu], clip_layers, clip_tokens=40)
+    s = torch.rand(64, generator=torch.Generator().manual_seed(1)) + 0.5
+    with torch.no_grad():
+        ss.fold_scales(ctx.block.input_layernorm, qkv.layers, s)
+    after = capture.capture_block(ctx, [gu], clip_layers, clip_tokens=40)
+    for (a, _), (b, _) in zip(before.modules["gate_up"].calls, after.modules["gate_up"].calls):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+    for x, y in zip(before.outputs, after.outputs):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    g_before, n = before.clip_grams["self_attn.v_proj"]
+    g_after, n_after = after.clip_grams["self_attn.v_proj"]
+    assert n == n_after and 40 <= n <= 48
+    torch.testing.assert_close(rescale_grams(g_before, s), g_after, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(before.clip_grams["mlp.down_proj"][0], after.clip_grams["mlp.down_proj"][0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("clip_version", ["v1", "v2"])
+def test_awq_hands_the_runner_the_outputs_of_the_float_block(clip_version):
+    """AWQ's block outputs (the next block's inputs) come from its capture forward; they are
+    only handed over when the float block is unchanged, and then equal running it again."""
+    _, ctx = block_ctx()
+    m = method(weight_clip=True, clip_version=clip_version)
+    m.check_model(ctx.adapter)
+    with torch.no_grad():
+        m.transform_block(ctx)
+    kept = next(e for e in m.log if e["group"] == "clip")["kept"]
+    if clip_version == "v1" and kept:
+        assert ctx.outputs == []  # clamped float weights: the runner must run the block
+        return
+    assert len(ctx.outputs) == len(ctx.inputs)
+    for a, b in zip(ctx.outputs, reference(ctx)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_clip_check_uses_the_first_samples_up_to_its_token_budget():
+    _, ctx = block_ctx(n_batches=3, bs=2, seq=32)
+    ref = reference(ctx)
+    full = block_quant_loss(ctx, ref, SPEC3, {}, max_tokens=10**9)
+    manual = block_quant_loss(ctx, ref, SPEC3, {}, max_tokens=3 * 32)  # batch 0 whole, one sample of batch 1
+    with torch.no_grad():
+        linears = ctx.adapter.quant_linears(ctx.block)
+        originals = {n: lin.weight.data for n, lin in linears.items()}
+        for lin in linears.values():
+            lin.weight.data = fake_quantize(lin.weight.data, SPEC3)
+        outs = [ctx.block(ctx.inputs[0], **ctx.kwargs[0]), ctx.block(ctx.inputs[1][:1], **{k: v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 2 else v for k, v in ctx.kwargs[1].items()})]
+        for n, lin in linears.items():
+            lin.weight.data = originals[n]
+    outs = [o[0] if isinstance(o, tuple) else o for o in outs]
+    expected = (float((outs[0] - ref[0]).pow(2).sum()) + float((outs[1] - ref[1][:1]).pow(2).sum())) / (ref[0].numel() + ref[1][:1].numel())
+    assert manual == pytest.approx(expected, rel=1e-5) and manual != pytest.approx(full, rel=1e-9)
 
 
 # -- clipping ----------------------------------------------------------------------------------

@@ -51,16 +51,46 @@ class BlockContext:
     kwargs: list[dict[str, Any]]
     device: torch.device
     notes: dict[str, Any] = field(default_factory=dict)
-    outputs: list[torch.Tensor] = field(default_factory=list)  # set by run_blocks before ``after``
+    # The block's outputs on ``inputs``: a method's ``work`` may set them when it has computed them
+    # for the block as it leaves ``work`` (saving a forward); otherwise run_blocks does before ``after``.
+    outputs: list[torch.Tensor] = field(default_factory=list)
 
-    def forward(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Run the block on ``inputs`` (default: its cached inputs), one batch at a time."""
-        return [block_output(self.block(h, **kw)) for h, kw in zip(inputs or self.inputs, self.kwargs)]
+    def forward(self, inputs: list[torch.Tensor] | None = None, kwargs: list[dict[str, Any]] | None = None) -> list[torch.Tensor]:
+        """Run the block on ``inputs`` and ``kwargs`` (default: its cached ones), one batch at a time."""
+        return [block_output(self.block(h, **kw)) for h, kw in zip(inputs or self.inputs, kwargs or self.kwargs)]
 
 
 def block_output(out: Any) -> torch.Tensor:
     """Decoder blocks return a tensor (transformers 5) or a tuple whose first item is one."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def sub_batches(inputs: list[torch.Tensor], kwargs: list[dict[str, Any]], max_tokens: int) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[slice]]:
+    """The first samples of the cached batches, up to ``max_tokens`` tokens (at least one sample):
+    inputs, keyword inputs cut to match (tensors whose first dimension is the batch size), and the
+    slice of each batch that was kept."""
+    out_h, out_kw, kept = [], [], []
+    left = max_tokens
+    for h, kw in zip(inputs, kwargs):
+        if left <= 0:
+            break
+        n = h.shape[0]
+        take = min(n, max(1, left // h.shape[1]))
+        out_h.append(h[:take])
+        out_kw.append({k: cut_batch(v, n, slice(0, take)) for k, v in kw.items()})
+        kept.append(slice(0, take))
+        left -= take * h.shape[1]
+    return out_h, out_kw, kept
+
+
+def cut_batch(v: Any, n: int, part: slice) -> Any:
+    """``v[part]`` for tensors (also inside tuples and lists) whose first dimension is the batch
+    size ``n``; anything else (e.g. position embeddings shared by the batch) is passed whole."""
+    if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n:
+        return v[part]
+    if isinstance(v, (tuple, list)):
+        return type(v)(cut_batch(x, n, part) for x in v)
+    return v
 
 
 def move_kwargs(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -118,7 +148,7 @@ def run_blocks(
     start: int = 0,
 ) -> list[torch.Tensor]:
     """Process blocks in order: move block i to ``device``, call ``work(ctx)``, check its weights,
-    compute its outputs (the next block's inputs, also ``ctx.outputs``), call ``after(ctx)`` and move
+    compute its outputs unless ``work`` set them (the next block's inputs, ``ctx.outputs``), call ``after(ctx)`` and move
     the block back. Returns the last outputs. ``start``: skip the blocks before it (a resumed run);
     ``inputs`` are then block ``start``'s inputs."""
     blocks = adapter.blocks()
@@ -130,7 +160,7 @@ def run_blocks(
         if work is not None:
             work(ctx)
             check_finite_weights(ctx, "transform")
-        outputs = ctx.forward()
+        outputs = ctx.outputs or ctx.forward()
         _check_finite(outputs, ctx)
         ctx.outputs = outputs
         if after is not None:

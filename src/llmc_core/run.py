@@ -165,7 +165,7 @@ class Run:
         log.info("calibration: %d samples x %d tokens in %d batch(es)", len(samples), c.seq_len, len(self.calib_batches))
 
     def transform(self) -> None:
-        from llmc_core.blockwise import capture_block_inputs, run_blocks
+        from llmc_core.blockwise import capture_block_inputs, run_blocks, sub_batches
 
         method, quant_out = self.method, self.config.quant.quant_out
         if not type(method).needs_calibration:
@@ -182,9 +182,13 @@ class Run:
         def work(ctx: Any) -> None:
             method.transform_block(ctx)
             if quant_out:
+                ctx.outputs = []  # outputs a method computed are the float block's: run the quantized one
                 with self.layer_errors.quantizing(ctx, inputs_follow=True):
                     self.quantized.update(method.quantize_block(ctx))
             self.layer_errors.listen(ctx)  # samples a few layer inputs during the runner's output pass
+            if ctx.outputs:  # the method computed them: no output pass, so sample on one sample's forward
+                h, kw, _ = sub_batches(ctx.inputs, ctx.kwargs, 1)
+                ctx.forward(h, kw)
 
         def after(ctx: Any) -> None:
             self.layer_errors.stop(ctx)

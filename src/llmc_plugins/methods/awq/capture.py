@@ -1,23 +1,23 @@
-"""Capturing what AWQ needs from one block forward: layer inputs, their statistics, module outputs.
+"""Capturing what AWQ needs from a block, in one forward pass over the cached inputs.
 
-Every capture runs the block on its cached inputs with forward hooks and stops the forward as soon
-as it has what it needs (:class:`_Stop`), so a group near the top of the block costs a fraction of
-a block forward. Statistics are reduced inside the hooks (``|x|`` sums, ``X^T X``), so the full
-activations of a linear layer are never stored.
+As llm-awq does, one float forward of the block records everything before any scale is folded:
+the call (args, kwargs) and output of each group's inspect module, the mean ``|x|`` of each group's
+input, ``X^T X`` for groups searched on their one linear layer, per-group Gram matrices for the clip
+search on a token subsample, and the block's outputs (the next block's inputs). Folding a group's
+scales is exact in real arithmetic and changes only that group's own input (to ``x / s``), so what
+was captured stays valid for every later group; the clip search rescales its Gram matrices by the
+folded scales instead of running the block again. Statistics are reduced inside the hooks, so the
+full activations of a linear layer are never stored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a block forward once the capture is complete."""
 
 
 def first_tensor(out: Any) -> torch.Tensor:
@@ -32,17 +32,6 @@ def hooks(*handles: Any) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-
-
-def run_block(ctx: Any, on_batch: Callable[[int], None] | None = None) -> None:
-    """Run ``ctx.block`` over every cached batch; a hook may end a batch early with :class:`_Stop`."""
-    for i, (h, kw) in enumerate(zip(ctx.inputs, ctx.kwargs)):
-        if on_batch is not None:
-            on_batch(i)
-        try:
-            ctx.block(h, **kw)
-        except _Stop:
-            pass
 
 
 @dataclass
@@ -72,69 +61,79 @@ class ModuleCapture:
     act: AbsMean = field(default_factory=AbsMean)
 
 
-@torch.no_grad()
-def capture_module(ctx: Any, inspect: torch.nn.Module, first_layer: torch.nn.Module, keep_outputs: bool = True) -> ModuleCapture:
-    """Record how ``inspect`` is called on each batch and what it returns (unless not
-    ``keep_outputs``: a search in another precision recomputes them), and the mean ``|x|`` of
-    ``first_layer``'s input; stops each batch's forward when ``inspect`` returns."""
-    cap = ModuleCapture()
+@dataclass
+class LinearCapture:
+    """``X^T X`` (``[in, in]``, float32) and mean ``|x|`` of one linear layer's input (token count in ``act``)."""
+
+    gram: torch.Tensor
+    act: AbsMean = field(default_factory=AbsMean)
+
+
+@dataclass
+class Target:
+    """One scale-search group, resolved to modules: ``linear`` groups are searched on ``X^T X`` of
+    their one layer (``inspect`` is that layer), the others through ``inspect``'s forward."""
+
+    name: str
+    inspect: torch.nn.Module
+    layers: list[torch.nn.Linear]
+    linear: bool = False
+
+
+@dataclass
+class BlockCapture:
+    modules: dict[str, ModuleCapture] = field(default_factory=dict)  # by target name
+    linears: dict[str, LinearCapture] = field(default_factory=dict)  # by target name
+    clip_grams: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # by layer name
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+def cast(v: Any, dtype: torch.dtype | None) -> Any:
+    """``v`` with its floating-point tensors (also inside tuples, lists, dicts) in ``dtype``."""
+    if dtype is None:
+        return v
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype) if v.is_floating_point() else v
+    if isinstance(v, (tuple, list)):
+        return type(v)(cast(x, dtype) for x in v)
+    if isinstance(v, dict):
+        return {k: cast(x, dtype) for k, x in v.items()}
+    return v
+
+
+def _module_hooks(t: Target, cap: ModuleCapture, dtype: torch.dtype | None) -> list[Any]:
+    """Record ``t.inspect``'s calls (cast to ``dtype``, the search precision, when given: the search
+    then recomputes the reference outputs in that precision, so none are kept) and ``|x|``."""
 
     def pre_inspect(module, args, kwargs):
-        cap.calls.append((args, dict(kwargs)))
+        cap.calls.append((cast(args, dtype), cast(dict(kwargs), dtype)))
+
+    def post_inspect(module, args, kwargs, output):
+        cap.outputs.append(first_tensor(output).detach())
 
     def pre_layer(module, args):
         cap.act.add(args[0])
 
-    def post_inspect(module, args, kwargs, output):
-        if keep_outputs:
-            cap.outputs.append(first_tensor(output).detach())
-        raise _Stop
-
-    with hooks(
-        inspect.register_forward_pre_hook(pre_inspect, with_kwargs=True),
-        first_layer.register_forward_pre_hook(pre_layer),
-        inspect.register_forward_hook(post_inspect, with_kwargs=True),
-    ):
-        run_block(ctx)
-    return cap
+    handles = [t.inspect.register_forward_pre_hook(pre_inspect, with_kwargs=True), t.layers[0].register_forward_pre_hook(pre_layer)]
+    if dtype is None:
+        handles.append(t.inspect.register_forward_hook(post_inspect, with_kwargs=True))
+    return handles
 
 
-@dataclass
-class LinearCapture:
-    """``X^T X`` (``[in, in]``, float32) and mean ``|x|`` of one linear layer's input, and the token count."""
-
-    gram: torch.Tensor
-    act: AbsMean
-
-
-@torch.no_grad()
-def capture_linear(ctx: Any, layer: torch.nn.Linear) -> LinearCapture:
-    """Accumulate the Gram matrix of ``layer``'s input over all tokens; stops at ``layer``."""
-    act = AbsMean()
-    gram = torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device)
-
+def _linear_hooks(layer: torch.nn.Linear, cap: LinearCapture) -> list[Any]:
     def pre_layer(module, args):
-        x2 = act.add(args[0])
-        gram.addmm_(x2.T, x2)
-        raise _Stop
+        x2 = cap.act.add(args[0])
+        cap.gram.addmm_(x2.T, x2)
 
-    with hooks(layer.register_forward_pre_hook(pre_layer)):
-        run_block(ctx)
-    return LinearCapture(gram, act)
+    return [layer.register_forward_pre_hook(pre_layer)]
 
 
-@torch.no_grad()
-def capture_group_grams(ctx: Any, layers: dict[str, tuple[torch.nn.Linear, int]], n_tokens: int) -> dict[str, tuple[torch.Tensor, int]]:
-    """Per-group Gram matrices ``[n_groups, group, group]`` of each layer's input on a token
-    subsample: every ``step``-th token of all batches joined, ``step = total // n_tokens`` (the
-    anchors' subsample). ``layers`` maps names to ``(layer, group size)``. Returns
-    ``{name: (grams, tokens used)}`` from one block forward."""
-    total = sum(h.shape[0] * h.shape[1] for h in ctx.inputs)
-    step = max(1, total // n_tokens)
-    out: dict[str, tuple[torch.Tensor, int]] = {}
-    offset = [0]
+def _clip_hooks(layers: dict[str, tuple[torch.nn.Linear, int]], out: dict[str, tuple[torch.Tensor, int]], step: int, offset: list[int]) -> list[Any]:
+    """Per-group Gram matrices ``[n_groups, group, group]`` of each layer's input on every
+    ``step``-th token of all batches joined (the anchors' subsample); ``offset[0]`` is the number
+    of tokens in the batches before the current one."""
 
-    def make_hook(name: str, in_f: int, group: int):
+    def make(name: str, in_f: int, group: int):
         def pre(module, args):
             x2 = args[0].reshape(-1, in_f)
             start = (-offset[0]) % step  # first index in this batch that lands on the global stride
@@ -145,11 +144,32 @@ def capture_group_grams(ctx: Any, layers: dict[str, tuple[torch.nn.Linear, int]]
 
         return pre
 
-    def advance(i: int) -> None:
-        if i:
-            offset[0] += ctx.inputs[i - 1].shape[0] * ctx.inputs[i - 1].shape[1]
+    return [m.register_forward_pre_hook(make(n, m.in_features, g)) for n, (m, g) in layers.items()]
 
-    handles = [m.register_forward_pre_hook(make_hook(n, m.in_features, g)) for n, (m, g) in layers.items()]
+
+@torch.no_grad()
+def capture_block(ctx: Any, targets: list[Target], clip_layers: dict[str, tuple[torch.nn.Linear, int]] | None = None, clip_tokens: int = 512, dtype: torch.dtype | None = None) -> BlockCapture:
+    """One forward of ``ctx.block`` over its cached batches, recording what ``targets`` (scale
+    search) and ``clip_layers`` (``{name: (layer, group size)}``, clip search on ``clip_tokens``
+    tokens) need, and the block's outputs. ``dtype``: the search precision, when it differs from
+    the model's."""
+    cap = BlockCapture()
+    handles: list[Any] = []
+    for t in targets:
+        if t.linear:
+            layer = t.layers[0]
+            cap.linears[t.name] = LinearCapture(torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device))
+            handles += _linear_hooks(layer, cap.linears[t.name])
+        else:
+            cap.modules[t.name] = ModuleCapture()
+            handles += _module_hooks(t, cap.modules[t.name], dtype)
+    offset = [0]
+    if clip_layers:
+        total = sum(h.shape[0] * h.shape[1] for h in ctx.inputs)
+        handles += _clip_hooks(clip_layers, cap.clip_grams, max(1, total // clip_tokens), offset)
     with hooks(*handles):
-        run_block(ctx, advance)
-    return out
+        for h, kw in zip(ctx.inputs, ctx.kwargs):
+            out = ctx.block(h, **kw)
+            cap.outputs.append(first_tensor(out))
+            offset[0] += h.shape[0] * h.shape[1]
+    return cap

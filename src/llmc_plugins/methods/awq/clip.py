@@ -47,6 +47,12 @@ class ClipRange:
         return torch.clamp(wg, self.lo, self.hi).reshape(out_f, in_f).to(w.dtype)
 
 
+def rescale_grams(grams: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The Gram matrices of ``x / s`` from those of ``x``: ``H_g / (s_g s_gᵀ)`` per group."""
+    sg = s.to(grams.device, torch.float32).view(grams.shape[0], grams.shape[1])
+    return grams / (sg.unsqueeze(2) * sg.unsqueeze(1))
+
+
 @torch.no_grad()
 def search_clip(w: torch.Tensor, grams: torch.Tensor, tokens: int, spec: Any, clip_sym: bool, n_grid: int = 20, max_shrink: float = 0.5, rows_per_step: int = 256) -> tuple[ClipRange, float, float]:
     """Search the shrink grid ``1, 1 - 1/n_grid, ...`` (``int(max_shrink·n_grid)`` points) for each

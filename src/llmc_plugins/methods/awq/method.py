@@ -85,6 +85,13 @@ class Awq(Method):
     under ``quant.weight``. The chosen alpha and loss of every group are logged (``llmc.awq``) and
     kept in ``self.log``.
 
+    Cost per block: one float forward of the block records everything the searches need, as in
+    llm-awq (inspect-module calls, ``|x|`` means, ``X^T X`` for o/down, the clip subsample's Gram
+    matrices, the block outputs); folding is exact, so those stay valid after each fold and the
+    block outputs become the next block's inputs without another forward (unless ``clip_version:
+    v1`` clamps the float weights). Then ``n_grid`` forwards of the attention and of the MLP in the
+    search precision, and the clip check's two block forwards on at most 16384 tokens.
+
     What it does not do: fold into embeddings or ``lm_head`` (SmolLM2 ties them), scale o_proj
     under grouped-query attention (the group is skipped and logged, as ModelTC does by default),
     quantize activations, or choose on the first batch only (ModelTC does; llmc sums all batches).
@@ -123,7 +130,7 @@ class Awq(Method):
       ``i < max_shrink·clip_grid``.
     - ``clip_tokens`` (512): tokens in the clip search's subsample (every k-th token).
     - ``clip_check`` (true): keep a block's clipping only if the block's quantized output error does
-      not grow (one extra pair of block forwards).
+      not grow, measured on the first calibration samples up to 16384 tokens (two block forwards).
     - ``save_scale`` / ``scale_path``: write ``{layer: s}`` to ``scale_path/scales.pth``.
     - ``save_clip`` / ``clip_path``: write ``{layer: {lo, hi}}`` to ``clip_path/clips.pth``.
     - ``save_mem`` (true): accepted for ModelTC configs; llmc always frees the search buffers.
@@ -153,17 +160,27 @@ class Awq(Method):
             raise LlmcError(f"quant.method: AWQ needs the model's linear groups, and {exc}. Use a supported model.type (llmc plugins lists them) or quant.method: RTN.") from exc
 
     def transform_block(self, ctx: Any) -> None:
+        from llmc_plugins.methods.awq import capture
+        from llmc_plugins.methods.awq.clip import clip_group_size, clippable
+
         opts = self.options
-        if opts.trans:
-            for group in ctx.adapter.linear_groups(ctx.block):
-                reason = group.extra.get("skip")
-                if reason:
-                    log.info("block %d %s: skipped (%s)", ctx.index, group.name, reason)
-                    self.log.append({"block": ctx.index, "group": group.name, "skipped": reason})
-                    continue
-                self._scale_group(ctx, group)
+        targets = self._targets(ctx) if opts.trans else []
+        clip_layers = {}
         if opts.weight_clip:
-            self._clip_block(ctx)
+            clip_layers = {n: (m, clip_group_size(self.weight, m.in_features)) for n, m in ctx.adapter.quant_linears(ctx.block).items() if clippable(n)}
+        first = next(iter(ctx.adapter.quant_linears(ctx.block).values()))
+        dtype = self._search_dtype(first)
+        cap = capture.capture_block(ctx, [t for t, _ in targets], clip_layers, opts.clip_tokens, None if dtype == first.weight.dtype else dtype)
+        folded: dict[str, Any] = {}
+        for target, group in targets:
+            s = self._scale_group(ctx, target, group, cap, dtype)
+            folded.update(dict.fromkeys(group.layers, s))
+        changed = False
+        if opts.weight_clip:
+            changed = self._clip_block(ctx, clip_layers, cap, folded) and opts.clip_version == "v1"
+        if not changed:
+            # Folding is exact: the float block's outputs are the ones captured before it.
+            ctx.outputs = cap.outputs
         if ctx.index == self._n_blocks - 1:
             self._save_files()
 
@@ -179,36 +196,47 @@ class Awq(Method):
 
     # -- scale search ----------------------------------------------------------------------------
 
-    def _scale_group(self, ctx: Any, group: Any) -> None:
+    def _targets(self, ctx: Any) -> list[tuple[Any, Any]]:
+        """The adapter's linear groups resolved to modules (skipped ones logged), with their groups."""
+        from llmc_plugins.methods.awq import scale_search as ss
+        from llmc_plugins.methods.awq.capture import Target
+
+        block, out = ctx.block, []
+        for group in ctx.adapter.linear_groups(block):
+            reason = group.extra.get("skip")
+            if reason:
+                log.info("block %d %s: skipped (%s)", ctx.index, group.name, reason)
+                self.log.append({"block": ctx.index, "group": group.name, "skipped": reason})
+                continue
+            layers = [block.get_submodule(n) for n in group.layers]
+            size = ss.fold_target_size(block.get_submodule(group.prev))
+            if size != layers[0].in_features:
+                raise LlmcError(f"AWQ: cannot fold scales of group '{group.name}' into {group.prev} ({size} outputs) for layers with {layers[0].in_features} inputs; the model adapter's linear groups are wrong for this model.")
+            inspect = block.get_submodule(group.inspect or group.layers[0])
+            out.append((Target(group.name, inspect, layers, linear=len(layers) == 1 and inspect is layers[0]), group))
+        return out
+
+    def _scale_group(self, ctx: Any, target: Any, group: Any, cap: Any, dtype: Any) -> Any:
+        """Search ``target``'s scales on what ``cap`` recorded, fold the best; returns it."""
         import torch
 
-        from llmc_plugins.methods.awq import capture
         from llmc_plugins.methods.awq import scale_search as ss
 
         start = time.perf_counter()
-        block = ctx.block
-        layers = [block.get_submodule(n) for n in group.layers]
-        prev = block.get_submodule(group.prev)
-        size = ss.fold_target_size(prev)
-        if size != layers[0].in_features:
-            raise LlmcError(f"AWQ: cannot fold scales of group '{group.name}' into {group.prev} ({size} outputs) for layers with {layers[0].in_features} inputs; the model adapter's linear groups are wrong for this model.")
-        inspect = block.get_submodule(group.inspect or group.layers[0])
+        layers = target.layers
         w_mean = ss.weight_mean(layers, self.weight) if self.options.trans_version == "v1" else None
-        if len(layers) == 1 and inspect is layers[0]:
-            lin = capture.capture_linear(ctx, layers[0])
+        if target.linear:
+            lin = cap.linears.pop(target.name)
             cand = ss.candidates(lin.act.mean(), w_mean, self.options.n_grid)
             losses = ss.linear_losses(layers[0], lin.gram, lin.act.count, cand, self.weight)
-            del lin
         else:
-            dtype = self._search_dtype(layers[0])
-            cap = capture.capture_module(ctx, inspect, layers[0], keep_outputs=dtype == layers[0].weight.dtype)
-            cand = ss.candidates(cap.act.mean(), w_mean, self.options.n_grid)
-            losses = ss.module_losses(inspect, layers, cap, cand, self.weight, self.options.awq_bs, dtype)
-            del cap
+            mod = cap.modules.pop(target.name)
+            cand = ss.candidates(mod.act.mean(), w_mean, self.options.n_grid)
+            losses = ss.module_losses(target.inspect, layers, mod, cand, self.weight, self.options.awq_bs, dtype)
         best = int(torch.argmin(losses))
         identity = cand.alphas.index(None) if None in cand.alphas else 0
         s = cand.scales[best]
-        ss.fold_scales(prev, layers, s)
+        ss.fold_scales(ctx.block.get_submodule(group.prev), layers, s)
         alpha, loss, rtn = cand.alphas[best], float(losses[best]), float(losses[identity])
         seconds = time.perf_counter() - start
         shown = "identity" if alpha is None else f"{alpha:.2f}"
@@ -217,6 +245,7 @@ class Awq(Method):
         if self.options.save_scale:
             for n in group.layers:
                 self.scales[f"{ctx.prefix}.{n}"] = s.detach().cpu()
+        return s
 
     def _search_dtype(self, layer: Any) -> Any:
         import torch
@@ -228,31 +257,26 @@ class Awq(Method):
 
     # -- weight clipping -------------------------------------------------------------------------
 
-    def _clip_block(self, ctx: Any) -> None:
+    def _clip_block(self, ctx: Any, linears: dict[str, Any], cap: Any, folded: dict[str, Any]) -> bool:
+        """Search and record each clippable layer's range; returns whether the block keeps them."""
         import torch
 
-        from llmc_plugins.methods.awq import capture
-        from llmc_plugins.methods.awq.clip import (
-            clip_group_size,
-            clippable,
-            search_clip,
-        )
+        from llmc_plugins.methods.awq.clip import rescale_grams, search_clip
 
         start = time.perf_counter()
         opts = self.options
         sym = self.weight.symmetric if opts.clip_sym is None else opts.clip_sym
-        linears = {n: m for n, m in ctx.adapter.quant_linears(ctx.block).items() if clippable(n)}
-        grams = capture.capture_group_grams(ctx, {n: (m, clip_group_size(self.weight, m.in_features)) for n, m in linears.items()}, opts.clip_tokens)
         ranges, errs = {}, {}
-        for name, layer in linears.items():
-            g, tokens = grams.pop(name)
+        for name, (layer, _) in linears.items():
+            g, tokens = cap.clip_grams.pop(name)
+            if name in folded:  # the layer now reads x / s
+                g = rescale_grams(g, folded[name])
             ranges[name], before, after = search_clip(layer.weight.data, g, tokens, self.weight, sym, opts.clip_grid, opts.max_shrink)
             errs[name] = (before, after, float((ranges[name].shrink < 1).float().mean()))
         kept = True
         if opts.clip_check:
-            ref = ctx.forward()
-            plain = block_quant_loss(ctx, ref, self.weight, {})
-            clipped = block_quant_loss(ctx, ref, self.weight, ranges)
+            plain = block_quant_loss(ctx, cap.outputs, self.weight, {})
+            clipped = block_quant_loss(ctx, cap.outputs, self.weight, ranges)
             kept = clipped <= plain
             log.info("block %d clip: block loss %.4g -> %.4g%s", ctx.index, plain, clipped, "" if kept else " (worse: clipping dropped for this block)")
             self.log.append({"block": ctx.index, "group": "clip", "loss_rtn": plain, "loss": clipped, "kept": kept})
@@ -263,10 +287,11 @@ class Awq(Method):
                 for name, rng in ranges.items():
                     full = f"{ctx.prefix}.{name}"
                     if opts.clip_version == "v1":
-                        linears[name].weight.data.copy_(rng.apply(linears[name].weight.data))
+                        linears[name][0].weight.data.copy_(rng.apply(linears[name][0].weight.data))
                     if opts.clip_version == "v2" or opts.save_clip:
                         self.clips[full] = rng.to("cpu") if opts.clip_version == "v1" else rng
         log.info("block %d clip: %d layers in %.1f s", ctx.index, len(linears), time.perf_counter() - start)
+        return kept
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -288,13 +313,22 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     log.info("wrote %s", path)
 
 
-def block_quant_loss(ctx: Any, reference: list[Any], spec: Any, ranges: dict[str, Any]) -> float:
+# The clip check's block forwards use at most this many tokens of the calibration set (the first
+# samples): it is a guard against clipping that hurts the block, not a search, and two full-set
+# block forwards per block would cost as much as the scale search with 128 samples.
+CHECK_TOKENS = 16384
+
+
+def block_quant_loss(ctx: Any, reference: list[Any], spec: Any, ranges: dict[str, Any], max_tokens: int = CHECK_TOKENS) -> float:
     """Mean squared error of the block with every linear layer fake-quantized (clamped first to
-    ``ranges[name]`` where given) against ``reference`` outputs; the weights are restored after."""
+    ``ranges[name]`` where given) against ``reference`` outputs (one per cached batch), on the
+    first ``max_tokens`` tokens of the cached batches; the weights are restored after."""
     import torch
 
+    from llmc_core.blockwise import sub_batches
     from llmc_core.quant.fake import fake_quantize
 
+    inputs, kwargs, kept = sub_batches(ctx.inputs, ctx.kwargs, max_tokens)
     linears = ctx.adapter.quant_linears(ctx.block)
     originals = {n: m.weight.data for n, m in linears.items()}
     try:
@@ -302,9 +336,10 @@ def block_quant_loss(ctx: Any, reference: list[Any], spec: Any, ranges: dict[str
             for n, m in linears.items():
                 w = ranges[n].apply(m.weight.data) if n in ranges else m.weight.data
                 m.weight.data = fake_quantize(w, spec)
-            outs = ctx.forward()
+            outs = ctx.forward(inputs, kwargs)
     finally:
         for n, m in linears.items():
             m.weight.data = originals[n]
-    total = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outs, reference))
-    return total / sum(r.numel() for r in reference)
+    refs = [r[part] for r, part in zip(reference, kept)]
+    total = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outs, refs))
+    return total / sum(r.numel() for r in refs)

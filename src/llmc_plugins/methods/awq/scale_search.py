@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from llmc_core.blockwise import cut_batch
 from llmc_core.quant.fake import fake_quantize_, group_view
-from llmc_plugins.methods.awq.capture import ModuleCapture, first_tensor
+from llmc_plugins.methods.awq.capture import ModuleCapture, cast, first_tensor
 
 
 @dataclass
@@ -90,30 +91,14 @@ def _chunks(args: tuple, kwargs: dict, size: int | None):
         yield args, kwargs
         return
 
-    def cut(v: Any, i: int) -> Any:
-        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n:
-            return v[i : i + size]
-        if isinstance(v, (tuple, list)):
-            return type(v)(cut(x, i) for x in v)
-        return v
-
     for i in range(0, n, size):
-        yield tuple(cut(a, i) for a in args), {k: cut(v, i) for k, v in kwargs.items()}
+        part = slice(i, i + size)
+        yield tuple(cut_batch(a, n, part) for a in args), {k: cut_batch(v, n, part) for k, v in kwargs.items()}
 
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     """The hidden-state input of a recorded call (first positional, or ``hidden_states=``)."""
     return args[0] if args else kwargs.get("hidden_states", next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
-
-
-def _cast(v: Any, dtype: torch.dtype) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.to(dtype) if v.is_floating_point() else v
-    if isinstance(v, (tuple, list)):
-        return type(v)(_cast(x, dtype) for x in v)
-    if isinstance(v, dict):
-        return {k: _cast(x, dtype) for k, x in v.items()}
-    return v
 
 
 @torch.no_grad()
@@ -130,7 +115,7 @@ def module_losses(inspect: torch.nn.Module, layers: list[torch.nn.Linear], cap: 
         names = {m: n for n, m in inspect.named_modules()}
         inspect = copy.deepcopy(inspect).to(dtype)
         layers = [inspect.get_submodule(names[layer]) for layer in layers]
-        calls = [(_cast(a, dtype), _cast(kw, dtype)) for a, kw in calls]
+        calls = [(cast(a, dtype), cast(kw, dtype)) for a, kw in calls]  # no-op when captured in dtype
         refs = [torch.cat([first_tensor(inspect(*a, **kw)) for a, kw in _chunks(args, kwargs, awq_bs)]) for args, kwargs in calls]
     originals = [layer.weight.data for layer in layers]
     # The grid's weights, quantized a few candidates per batched call and kept in the search dtype.
