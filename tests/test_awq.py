@@ -178,6 +178,21 @@ def test_loss_is_accumulated_over_all_batches():
     assert not torch.equal(per_batch[0], all_batches)
 
 
+def test_capture_in_sub_batches_records_the_same_data():
+    """``awq_bs`` (and the default token budget) bound the capture forward's activations: each
+    sub-batch is one recorded call, and the outputs, statistics and losses do not change."""
+    _, ctx = block_ctx(n_batches=1, bs=4)
+    attn = ctx.block.self_attn
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    whole = capture.capture_block(ctx, [capture.Target("t", attn, layers)])
+    split = capture.capture_block(ctx, [capture.Target("t", attn, layers)], awq_bs=1)
+    assert len(whole.modules["t"].calls) == 1 and len(split.modules["t"].calls) == 4
+    torch.testing.assert_close(whole.outputs[0], split.outputs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole.modules["t"].act.mean(), split.modules["t"].act.mean())
+    cand = ss.candidates(whole.modules["t"].act.mean(), None, 5)
+    torch.testing.assert_close(ss.module_losses(attn, layers, split.modules["t"], cand, SPEC3), ss.module_losses(attn, layers, whole.modules["t"], cand, SPEC3))
+
+
 def test_awq_bs_splits_batches_without_changing_the_loss():
     _, ctx = block_ctx(n_batches=1, bs=4)
     attn = ctx.block.self_attn

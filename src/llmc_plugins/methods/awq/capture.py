@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from llmc_core.blockwise import cut_batch
+
 
 def first_tensor(out: Any) -> torch.Tensor:
     """Modules return a tensor or a tuple whose first item is the output (attention)."""
@@ -101,6 +103,33 @@ def cast(v: Any, dtype: torch.dtype | None) -> Any:
     return v
 
 
+# Without ``awq_bs``, forward passes in the search take at most this many tokens at a time: the
+# loss is the same, and memory stays flat however many calibration samples there are.
+CHUNK_TOKENS = 8192
+
+
+def chunks(args: tuple, kwargs: dict, size: int | None):
+    """Split one batch's call into sub-batches of ``size`` samples (``awq_bs``; default: as many as
+    make :data:`CHUNK_TOKENS` tokens). Tensors whose first dimension is not the batch size (e.g.
+    position embeddings shared by the batch) are passed whole."""
+    x = _hidden(args, kwargs)
+    n = x.shape[0]
+    if size is None:
+        size = max(1, CHUNK_TOKENS // max(1, x[0].numel() // x.shape[-1]))
+    if size >= n:
+        yield args, kwargs
+        return
+
+    for i in range(0, n, size):
+        part = slice(i, i + size)
+        yield tuple(cut_batch(a, n, part) for a in args), {k: cut_batch(v, n, part) for k, v in kwargs.items()}
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden-state input of a recorded call (first positional, or ``hidden_states=``)."""
+    return args[0] if args else kwargs.get("hidden_states", next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+
+
 def _module_hooks(t: Target, cap: ModuleCapture, dtype: torch.dtype | None) -> list[Any]:
     """Record ``t.inspect``'s calls (cast to ``dtype``, the search precision, when given: the search
     then recomputes the reference outputs in that precision, so none are kept) and ``|x|``."""
@@ -148,11 +177,12 @@ def _clip_hooks(layers: dict[str, tuple[torch.nn.Linear, int]], out: dict[str, t
 
 
 @torch.no_grad()
-def capture_block(ctx: Any, targets: list[Target], clip_layers: dict[str, tuple[torch.nn.Linear, int]] | None = None, clip_tokens: int = 512, dtype: torch.dtype | None = None) -> BlockCapture:
+def capture_block(ctx: Any, targets: list[Target], clip_layers: dict[str, tuple[torch.nn.Linear, int]] | None = None, clip_tokens: int = 512, dtype: torch.dtype | None = None, awq_bs: int | None = None) -> BlockCapture:
     """One forward of ``ctx.block`` over its cached batches, recording what ``targets`` (scale
     search) and ``clip_layers`` (``{name: (layer, group size)}``, clip search on ``clip_tokens``
-    tokens) need, and the block's outputs. ``dtype``: the search precision, when it differs from
-    the model's."""
+    tokens) need, and the block's outputs (one tensor per batch). ``dtype``: the search precision,
+    when it differs from the model's. Batches run in sub-batches of ``awq_bs`` samples (default:
+    :data:`CHUNK_TOKENS` tokens), so each recorded call is one sub-batch."""
     cap = BlockCapture()
     handles: list[Any] = []
     for t in targets:
@@ -169,7 +199,9 @@ def capture_block(ctx: Any, targets: list[Target], clip_layers: dict[str, tuple[
         handles += _clip_hooks(clip_layers, cap.clip_grams, max(1, total // clip_tokens), offset)
     with hooks(*handles):
         for h, kw in zip(ctx.inputs, ctx.kwargs):
-            out = ctx.block(h, **kw)
-            cap.outputs.append(first_tensor(out))
-            offset[0] += h.shape[0] * h.shape[1]
+            outs = []
+            for (part,), part_kw in chunks((h,), kw, awq_bs):  # bounded activations, as in the search
+                outs.append(first_tensor(ctx.block(part, **part_kw)))
+                offset[0] += part.shape[0] * part.shape[1]
+            cap.outputs.append(torch.cat(outs) if len(outs) > 1 else outs[0])
     return cap

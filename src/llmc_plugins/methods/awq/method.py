@@ -170,7 +170,7 @@ class Awq(Method):
             clip_layers = {n: (m, clip_group_size(self.weight, m.in_features)) for n, m in ctx.adapter.quant_linears(ctx.block).items() if clippable(n)}
         first = next(iter(ctx.adapter.quant_linears(ctx.block).values()))
         dtype = self._search_dtype(first)
-        cap = capture.capture_block(ctx, [t for t, _ in targets], clip_layers, opts.clip_tokens, None if dtype == first.weight.dtype else dtype)
+        cap = capture.capture_block(ctx, [t for t, _ in targets], clip_layers, opts.clip_tokens, None if dtype == first.weight.dtype else dtype, opts.awq_bs)
         folded: dict[str, Any] = {}
         for target, group in targets:
             s = self._scale_group(ctx, target, group, cap, dtype)

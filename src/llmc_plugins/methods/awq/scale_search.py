@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from llmc_core.blockwise import cut_batch
 from llmc_core.quant.fake import fake_quantize_, group_view
-from llmc_plugins.methods.awq.capture import ModuleCapture, cast, first_tensor
+from llmc_plugins.methods.awq.capture import ModuleCapture, cast, chunks, first_tensor
 
 
 @dataclass
@@ -74,33 +73,6 @@ def quantized_weights(w: torch.Tensor, scales: torch.Tensor, spec: Any) -> torch
     return wq.div_(s)
 
 
-# Without ``awq_bs``, forward passes in the search take at most this many tokens at a time: the
-# loss is the same, and memory stays flat however many calibration samples there are.
-CHUNK_TOKENS = 8192
-
-
-def _chunks(args: tuple, kwargs: dict, size: int | None):
-    """Split one batch's call into sub-batches of ``size`` samples (``awq_bs``; default: as many as
-    make :data:`CHUNK_TOKENS` tokens). Tensors whose first dimension is not the batch size (e.g.
-    position embeddings shared by the batch) are passed whole."""
-    x = _hidden(args, kwargs)
-    n = x.shape[0]
-    if size is None:
-        size = max(1, CHUNK_TOKENS // max(1, x[0].numel() // x.shape[-1]))
-    if size >= n:
-        yield args, kwargs
-        return
-
-    for i in range(0, n, size):
-        part = slice(i, i + size)
-        yield tuple(cut_batch(a, n, part) for a in args), {k: cut_batch(v, n, part) for k, v in kwargs.items()}
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden-state input of a recorded call (first positional, or ``hidden_states=``)."""
-    return args[0] if args else kwargs.get("hidden_states", next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
-
-
 @torch.no_grad()
 def module_losses(inspect: torch.nn.Module, layers: list[torch.nn.Linear], cap: ModuleCapture, cand: Candidates, spec: Any, awq_bs: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Loss of every candidate through the inspect module (module path); returns ``[P]`` float64.
@@ -116,7 +88,7 @@ def module_losses(inspect: torch.nn.Module, layers: list[torch.nn.Linear], cap: 
         inspect = copy.deepcopy(inspect).to(dtype)
         layers = [inspect.get_submodule(names[layer]) for layer in layers]
         calls = [(cast(a, dtype), cast(kw, dtype)) for a, kw in calls]  # no-op when captured in dtype
-        refs = [torch.cat([first_tensor(inspect(*a, **kw)) for a, kw in _chunks(args, kwargs, awq_bs)]) for args, kwargs in calls]
+        refs = [torch.cat([first_tensor(inspect(*a, **kw)) for a, kw in chunks(args, kwargs, awq_bs)]) for args, kwargs in calls]
     originals = [layer.weight.data for layer in layers]
     # The grid's weights, quantized a few candidates per batched call and kept in the search dtype.
     qweights = [torch.cat([quantized_weights(w, part, spec).to(w.dtype) for part in cand.scales.split(5)]) for w in originals]
@@ -129,7 +101,7 @@ def module_losses(inspect: torch.nn.Module, layers: list[torch.nn.Linear], cap: 
             total = 0.0
             for (args, kwargs), ref in zip(calls, refs):
                 start = 0
-                for a, kw in _chunks(args, kwargs, awq_bs):
+                for a, kw in chunks(args, kwargs, awq_bs):
                     out = first_tensor(inspect(*a, **kw))
                     diff = out.float() - ref[start : start + out.shape[0]].float()
                     total += float(diff.pow_(2).sum())
