@@ -128,7 +128,9 @@ class Awq(Method):
     - ``clip_sym`` (``quant.weight.symmetric``): clip to ``±max|w|·f`` instead of ``[min·f, max·f]``.
     - ``clip_grid`` (20) and ``max_shrink`` (0.5): shrink factors ``1 - i/clip_grid`` for
       ``i < max_shrink·clip_grid``.
-    - ``clip_tokens`` (512): tokens in the clip search's subsample (every k-th token).
+    - ``clip_tokens`` (512, the anchors' value): tokens in the clip search's subsample (every k-th
+      token). It does not grow with ``calib.n_samples``; raise it with them (on SmolLM2 w4 g64,
+      128 samples: 4096 tokens gave PPL 24.30 against 24.48 with 512).
     - ``clip_check`` (true): keep a block's clipping only if the block's quantized output error does
       not grow, measured on the first calibration samples up to 16384 tokens (two block forwards).
     - ``save_scale`` / ``scale_path``: write ``{layer: s}`` to ``scale_path/scales.pth``.
