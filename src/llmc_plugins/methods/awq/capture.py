@@ -103,8 +103,8 @@ def cast(v: Any, dtype: torch.dtype | None) -> Any:
     return v
 
 
-# Without ``awq_bs``, forward passes in the search take at most this many tokens at a time: the
-# loss is the same, and memory stays flat however many calibration samples there are.
+# Without ``awq_bs``, the capture forward and the search's forward passes take at most this many
+# tokens at a time: the results are the same, and memory stays flat however many samples there are.
 CHUNK_TOKENS = 8192
 
 

@@ -167,10 +167,11 @@ class Awq(Method):
 
         opts = self.options
         targets = self._targets(ctx) if opts.trans else []
+        linears = ctx.adapter.quant_linears(ctx.block)
         clip_layers = {}
         if opts.weight_clip:
-            clip_layers = {n: (m, clip_group_size(self.weight, m.in_features)) for n, m in ctx.adapter.quant_linears(ctx.block).items() if clippable(n)}
-        first = next(iter(ctx.adapter.quant_linears(ctx.block).values()))
+            clip_layers = {n: (m, clip_group_size(self.weight, m.in_features)) for n, m in linears.items() if clippable(n)}
+        first = next(iter(linears.values()))
         dtype = self._search_dtype(first)
         cap = capture.capture_block(ctx, [t for t, _ in targets], clip_layers, opts.clip_tokens, None if dtype == first.weight.dtype else dtype, opts.awq_bs)
         folded: dict[str, Any] = {}
