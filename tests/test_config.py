@@ -111,7 +111,7 @@ def test_missing_files_are_named(cfg, tmp_path):
     cfg["calib"]["path"] = str(tmp_path / "missing.txt")
     problems = _errors(cfg)
     assert any(p.startswith("model.path:") and "does not exist" in p for p in problems)
-    assert any(p.startswith("calib.path:") and "download: true" in p for p in problems)
+    assert any(p.startswith("calib.path:") and "download: auto" in p and "docs/data.md" in p for p in problems)
 
 
 def test_existing_output_folder_is_refused_unless_overwrite(cfg, tmp_path):
@@ -232,3 +232,21 @@ save:
 """
     rc = config.validate(yaml.safe_load(text))
     assert rc.calib.n_samples == 128 and rc.weight.group_size == 128
+
+
+def test_download_auto_without_the_datasets_package_is_refused_before_loading(cfg, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    cfg["calib"].update(path=str(tmp_path / "missing.txt"), download="auto")
+    (line,) = _errors(cfg)
+    assert line.startswith("calib.download:") and "does not exist, so download: auto" in line and "pip install datasets" in line
+    cfg["calib"]["path"] = str(tmp_path)  # found locally: nothing to fetch, nothing to install
+    config.validate(cfg)
+
+
+def test_download_takes_only_false_true_or_auto(cfg):
+    cfg["calib"]["download"] = "sometimes"
+    (line,) = _errors(cfg)
+    assert line.startswith("calib.download:")

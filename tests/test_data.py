@@ -78,3 +78,68 @@ def test_real_c4_sample_and_wikitext(shared_data):
     assert len(rows) == 1000
     wiki = WikiText2().load_rows(str(shared_data / "wikitext2" / "wiki.test.raw"), False, "eval")
     assert len(wiki) == 4358 and wiki[0] == "" and wiki[1].endswith("\n")
+
+
+# -- download: false | true | auto ------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Record every hub fetch instead of making it (there is no network in tests)."""
+    calls = []
+
+    def fetch(args, kwargs, field="text"):
+        calls.append((args, kwargs))
+        return ["hub row\n"]
+
+    monkeypatch.setattr("llmc_plugins.data.corpora.hub_rows", fetch)
+    return calls
+
+
+def test_download_auto_reads_an_existing_path_and_says_so(tmp_path, fake_hub, caplog):
+    (tmp_path / "wiki.test.raw").write_text("local row\n")
+    with caplog.at_level("INFO", logger="llmc"):
+        rows = WikiText2().read_rows(str(tmp_path), "auto", "eval", "eval.path")
+    assert rows == ["local row\n"] and fake_hub == []
+    assert f"reading {tmp_path} (download: auto, found locally)" in caplog.text
+
+
+def test_download_auto_fetches_a_missing_path_and_says_so(tmp_path, fake_hub, caplog):
+    missing = tmp_path / "nope" / "wiki.test.raw"
+    with caplog.at_level("INFO", logger="llmc"):
+        rows = WikiText2().read_rows(str(missing), "auto", "eval", "eval.path")
+    assert rows == ["hub row\n"]
+    assert fake_hub == [(("wikitext", "wikitext-2-raw-v1"), {"split": "test"})]
+    assert "fetching the wikitext2 dataset from the hub" in caplog.text and f"{missing} does not exist" in caplog.text
+
+
+def test_download_true_fetches_even_when_the_path_exists(tmp_path, fake_hub):
+    (tmp_path / "c4.jsonl").write_text(json.dumps({"text": "local"}) + "\n")
+    assert C4().read_rows(str(tmp_path / "c4.jsonl"), True, "calib", "calib.path") == ["hub row\n"]
+    assert fake_hub[0][1]["data_files"] == {"train": "en/c4-train.00000-of-01024.json.gz"}
+
+
+def test_download_false_never_fetches(tmp_path, fake_hub):
+    with pytest.raises(LlmcError, match="does not exist"):
+        WikiText2().read_rows(str(tmp_path / "nope.raw"), False, "eval", "eval.path")
+    assert fake_hub == []
+
+
+def test_custom_data_has_nothing_to_fetch(tmp_path):
+    with pytest.raises(LlmcError, match="no hub copy"):
+        Custom().read_rows(str(tmp_path / "mine.txt"), "auto", "calib", "calib.path")
+
+
+def test_a_failed_hub_fetch_is_one_line_naming_the_dataset(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the hub\n(long traceback text)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    from llmc_plugins.data.readers import hub_rows
+
+    with pytest.raises(LlmcError) as exc:
+        hub_rows(("allenai/c4",), {})
+    (line,) = exc.value.problems
+    assert "could not fetch allenai/c4 from the hub (Couldn't reach the hub)" in line and "docs/data.md" in line

@@ -7,7 +7,9 @@ Nothing here imports torch at module level, so listing and validating plugins st
 
 from __future__ import annotations
 
+import logging
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     from llmc_core.quant import QuantSpec
     from llmc_core.results import EvalRecord
     from llmc_core.run import Run
+
+log = logging.getLogger("llmc")
 
 
 class StrictModel(BaseModel):
@@ -65,18 +69,30 @@ class Dataset(Plugin):
         """Return the corpus as rows of text.
 
         :param path: the file or folder from the config (already expanded), or None.
-        :param download: whether fetching from a hub is allowed.
+        :param download: fetch from the hub (``path`` is then None); the core has already resolved
+            the config's ``download: auto`` to True or False.
         :param purpose: ``"calib"`` or ``"eval"`` (datasets pick their split from it).
         """
         raise NotImplementedError
 
-    def read_rows(self, path: str | None, download: bool, purpose: str, where: str) -> list[str]:
-        """:meth:`load_rows`, with a file that cannot be read as text (a folder, binary or
-        non-UTF-8 bytes, no permission) reported as one line naming ``where`` (e.g. ``calib.path``)."""
+    def read_rows(self, path: str | None, download: bool | str, purpose: str, where: str) -> list[str]:
+        """:meth:`load_rows` for the config's ``path`` and ``download`` (``false``, ``true`` or
+        ``"auto"``), logging where the rows came from.
+
+        ``download: true`` fetches from the hub; ``"auto"`` reads ``path`` when it exists and fetches
+        otherwise; ``false`` reads ``path`` only. A file that cannot be read as text (a folder, binary
+        or non-UTF-8 bytes, no permission) is reported as one line naming ``where`` (e.g. ``calib.path``).
+        """
         from llmc_core.errors import LlmcError
 
+        local = bool(path) and Path(path).exists()
+        fetch = download is True or (download == "auto" and not local)
+        if fetch:
+            log.info("%s: fetching the %s dataset from the hub (download: %s%s)", where, self.name, str(download).lower(), f"; {path} does not exist" if path and not local else "")
+        elif download == "auto":
+            log.info("%s: reading %s (download: auto, found locally)", where, path)
         try:
-            return self.load_rows(path, download, purpose)
+            return self.load_rows(None if fetch else path, fetch, purpose)
         except (UnicodeDecodeError, OSError) as exc:
             what = f"is not UTF-8 text ({exc.reason} at byte {exc.start})" if isinstance(exc, UnicodeDecodeError) else f"cannot be read ({exc.strerror or exc})"
             raise LlmcError(f"{where}: {path} {what}. Point it at a text file of the {self.name} dataset's format.") from exc

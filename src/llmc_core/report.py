@@ -85,8 +85,10 @@ def environment(run: Run | None = None) -> dict[str, str]:
         env["device"] += f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
     else:
         env["cpu"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
-    if "torch" in sys.modules:
-        env["torch threads"] = str(sys.modules["torch"].get_num_threads())
+    if "torch" in sys.modules:  # the build's own version names it: 2.13.0+cpu, 2.14.1+cu130
+        torch = sys.modules["torch"]
+        env["torch"] = torch.__version__
+        env["torch threads"] = str(torch.get_num_threads())
     return env
 
 
