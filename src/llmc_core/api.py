@@ -12,7 +12,11 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+from llmc_core.schema import NoOptions, StrictModel
+
+__all__ = ["Dataset", "Evaluator", "Method", "ModelFamily", "NoOptions", "Plugin", "Preproc", "Saver", "StrictModel"]
 
 if TYPE_CHECKING:
     import torch
@@ -24,16 +28,6 @@ if TYPE_CHECKING:
     from llmc_core.run import Run
 
 log = logging.getLogger("llmc")
-
-
-class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class NoOptions(StrictModel):
-    """The config of a plugin that takes no options."""
 
 
 class Plugin:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_model
 
-from llmc_core.api import StrictModel
+from llmc_core.schema import StrictModel
 from llmc_core.errors import ConfigSyntaxError, LlmcError, did_you_mean
 from llmc_core.paths import expand_vars, looks_like_hub_id, resolve_package_path
 from llmc_core.plugins import PluginManager, get_manager
