@@ -78,3 +78,32 @@ def test_real_c4_sample_and_wikitext(shared_data):
     assert len(rows) == 1000
     wiki = WikiText2().load_rows(str(shared_data / "wikitext2" / "wiki.test.raw"), False, "eval")
     assert len(wiki) == 4358 and wiki[0] == "" and wiki[1].endswith("\n")
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("x.jsonl", "", "holds no documents"),
+        ("x.jsonl", '{"text": ""}\n{"text": "   "}\n', "holds no documents"),
+        ("x.txt", "\n\n  \n", "holds no documents"),
+        ("x.jsonl", b"\xff\xfe\x00binary", "is not UTF-8 text"),
+    ],
+)
+def test_empty_or_unreadable_calibration_file_is_reported_before_the_model_loads(name, content, expected, tiny_model_dir, tmp_path, monkeypatch):
+    from llmc_core.run import Run
+    from llmc_core.testing import run_cli, run_config, write_config
+
+    calib = tmp_path / name
+    calib.write_bytes(content if isinstance(content, bytes) else content.encode())
+    cfg = run_config(tiny_model_dir, calib, tmp_path / "out", method="awq")
+    cfg["eval"]["path"] = str(calib)  # never reached
+
+    def no_load(self):
+        raise AssertionError("the model was loaded before the calibration file was checked")
+
+    monkeypatch.setattr(Run, "load_model", no_load)
+    res = run_cli("run", str(write_config(tmp_path / "cfg.yml", cfg)))
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("llmc:")]
+    assert res.exit_code == 2 and len(errors) == 1, res.stderr
+    assert errors[0].startswith(f"llmc: calib.path: {calib} ") and expected in errors[0], errors[0]
+    assert "Traceback" not in res.stderr
