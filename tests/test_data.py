@@ -143,3 +143,32 @@ def test_a_failed_hub_fetch_is_one_line_naming_the_dataset(monkeypatch):
         hub_rows(("allenai/c4",), {})
     (line,) = exc.value.problems
     assert "could not fetch allenai/c4 from the hub (Couldn't reach the hub)" in line and "docs/data.md" in line
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("x.jsonl", "", "holds no documents"),
+        ("x.jsonl", '{"text": ""}\n{"text": "   "}\n', "holds no documents"),
+        ("x.txt", "\n\n  \n", "holds no documents"),
+        ("x.jsonl", b"\xff\xfe\x00binary", "is not UTF-8 text"),
+    ],
+)
+def test_empty_or_unreadable_calibration_file_is_reported_before_the_model_loads(name, content, expected, tiny_model_dir, tmp_path, monkeypatch):
+    from llmc_core.run import Run
+    from llmc_core.testing import run_cli, run_config, write_config
+
+    calib = tmp_path / name
+    calib.write_bytes(content if isinstance(content, bytes) else content.encode())
+    cfg = run_config(tiny_model_dir, calib, tmp_path / "out", method="awq")
+    cfg["eval"]["path"] = str(calib)  # never reached
+
+    def no_load(self):
+        raise AssertionError("the model was loaded before the calibration file was checked")
+
+    monkeypatch.setattr(Run, "load_model", no_load)
+    res = run_cli("run", str(write_config(tmp_path / "cfg.yml", cfg)))
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("llmc:")]
+    assert res.exit_code == 2 and len(errors) == 1, res.stderr
+    assert errors[0].startswith(f"llmc: calib.path: {calib} ") and expected in errors[0], errors[0]
+    assert "Traceback" not in res.stderr

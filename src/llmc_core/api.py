@@ -75,7 +75,8 @@ class Dataset(Plugin):
 
         ``download: true`` fetches from the hub; ``"auto"`` reads ``path`` when it exists and fetches
         otherwise; ``false`` reads ``path`` only. A file that cannot be read as text (a folder, binary
-        or non-UTF-8 bytes, no permission) is reported as one line naming ``where`` (e.g. ``calib.path``).
+        or non-UTF-8 bytes, no permission) or that holds no text is reported as one line naming
+        ``where`` (e.g. ``calib.path``).
         """
         from llmc_core.errors import LlmcError
 
@@ -86,10 +87,14 @@ class Dataset(Plugin):
         elif download == "auto":
             log.info("%s: reading %s (download: auto, found locally)", where, path)
         try:
-            return self.load_rows(None if fetch else path, fetch, purpose)
+            rows = self.load_rows(None if fetch else path, fetch, purpose)
         except (UnicodeDecodeError, OSError) as exc:
             what = f"is not UTF-8 text ({exc.reason} at byte {exc.start})" if isinstance(exc, UnicodeDecodeError) else f"cannot be read ({exc.strerror or exc})"
             raise LlmcError(f"{where}: {path} {what}. Point it at a text file of the {self.name} dataset's format.") from exc
+        if not any(isinstance(r, str) and r.strip() for r in rows):  # fail here, not after the model has loaded
+            source = path or f"the downloaded {self.name} data"
+            raise LlmcError(f"{where}: {source} holds no documents (no row of text). Point it at a non-empty file of the {self.name} dataset's format.")
+        return rows
 
 
 class Preproc(Plugin):
@@ -103,9 +108,13 @@ class Preproc(Plugin):
 class Method(Plugin):
     """A compression method (``quant.method``), applied one decoder block at a time.
 
-    The runner calls :meth:`check_model` once after the model loads, :meth:`transform_block` for
-    each block with its cached inputs (only when :attr:`needs_calibration`), and later
-    :meth:`quantize_block` for each block. ``quant.special`` is validated against ``Config``.
+    The lifecycle, in order: :meth:`check` at config validation (before the model loads);
+    :meth:`check_model` once after the model loads; :meth:`transform_block` for each block with its
+    cached inputs (only when :attr:`needs_calibration`); :meth:`quantize_block` for each block
+    (right after ``transform_block`` with ``quant.quant_out: true``, else in a later pass);
+    :meth:`finish` once after the last block call. With block checkpoints the runner keeps
+    :meth:`state_dict` after each block and a resumed run hands it to :meth:`load_state_dict`
+    before the next block. ``quant.special`` is validated against ``Config``.
     """
 
     needs_calibration: ClassVar[bool] = True
@@ -114,6 +123,11 @@ class Method(Plugin):
         self.options = options
         self.weight = weight
         self.log: list[dict[str, Any]] = []
+
+    @classmethod
+    def check(cls, run_config: Any) -> None:
+        """Raise :class:`~llmc_core.errors.LlmcError` if the run's settings cannot work, e.g. a file
+        the method would write exists and ``save.overwrite`` is false. Called at validation."""
 
     def check_model(self, adapter: ModelAdapter) -> None:
         """Raise :class:`~llmc_core.errors.LlmcError` if the method cannot handle this model."""
@@ -136,6 +150,23 @@ class Method(Plugin):
         for name, linear in ctx.adapter.quant_linears(ctx.block).items():
             out[f"{ctx.prefix}.{name}"] = fake_quantize_linear(linear, self.weight)
         return out
+
+    def finish(self, overwrite: bool) -> None:
+        """Called once after the method's last block call (the quantize pass, or the block loop
+        with ``quant.quant_out: true``), also in a resumed run: write end-of-run files here.
+        ``overwrite``: whether such files may replace existing ones (``save.overwrite``, or a
+        resumed run, which may have written them before it was interrupted)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this object carries from one block to the next (e.g. scales found so far), as a
+        dict of tensors and JSON values (nested dicts and lists allowed). The block checkpoint
+        keeps it after each block; the default says there is nothing (``self.log`` is kept by the
+        runner). A method that keeps other attributes must override it, or --resume refuses."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned (tensors on the CPU), before the first block
+        of a resumed run."""
 
 
 class Evaluator(Plugin):

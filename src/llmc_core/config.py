@@ -318,6 +318,11 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
                 saver().check(cfg)
             except LlmcError as exc:
                 problems.lines.extend(exc.problems)
+    if cfg.method is not None:  # e.g. AWQ's scales.pth must not exist (unless save.overwrite)
+        try:
+            cfg.method.check(cfg)
+        except LlmcError as exc:
+            problems.lines.extend(exc.problems)
     if cfg.save is not None:
         _check_output_folder(cfg, problems)
     _check_paths(cfg, problems)

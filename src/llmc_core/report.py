@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmc_core.fsutil import atomic_file
+
 if TYPE_CHECKING:
     from llmc_core.results import EvalRecord
     from llmc_core.run import Run
@@ -36,9 +38,8 @@ def write_report(run: Run, folder: str | Path) -> Path:
         plot_note = "The plot was skipped: matplotlib is not installed (`pip install 'llmc[report]'`)."
     text = render_markdown(run, rows, plot_note)
     path = folder / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -206,6 +207,5 @@ def _write_plot(path: Path, rows: list[dict[str, Any]], stages: list[dict[str, A
     ax_time.set_xlabel("seconds")
     ax_time.set_title("Time per stage")
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.replace(path)
+    with atomic_file(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
