@@ -99,12 +99,13 @@ def test_bad_options_are_one_line_each(tiny_model_dir, tiny_text_file, tmp_path,
     assert len(lines) == 1 and lines[0].startswith(expected), lines
 
 
-def test_missing_include_path_exits_2_before_the_model_loads(llmc_cli, tmp_path, tiny_text_file, task_dir):
+def test_missing_include_path_exits_2_before_the_model_loads(llmc_cli, tmp_path, tiny_model_dir, tiny_text_file, task_dir):
     missing = tmp_path / "no_tasks_here"
-    cfg = run_config(tmp_path / "no_model_either", tiny_text_file, tmp_path / "out", lm_eval=lm_section(task_dir, include_path=str(missing)))
+    cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", lm_eval=lm_section(task_dir, include_path=str(missing)))
     result = llmc_cli("run", str(write_config(tmp_path / "cfg.yml", cfg)))
     assert result.exit_code == 2
-    assert f"llmc: lm_eval.include_path: {missing} is not a folder." in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("llmc: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"llmc: lm_eval.include_path: {missing} is not a folder."), lines
     assert "Traceback" not in result.stderr and "load model" not in result.stderr
 
 
@@ -115,7 +116,7 @@ def test_unknown_task_is_named_with_a_suggestion(tiny_model_dir, tiny_text_file,
 
 def test_unknown_hub_task_without_include_path(tiny_model_dir, tiny_text_file, tmp_path):
     lines = problems(run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", lm_eval={"tasks": ["hellaswagg"], "eval_mode": ["pretrain"]}))
-    assert lines == [lines[0]] and lines[0].startswith("lm_eval.tasks: unknown task 'hellaswagg'. Did you mean 'hellaswag'?")
+    assert len(lines) == 1 and lines[0].startswith("lm_eval.tasks: unknown task 'hellaswagg'. Did you mean 'hellaswag'?"), lines
 
 
 def test_lm_eval_not_installed_says_how_to_install(tiny_model_dir, tiny_text_file, tmp_path, task_dir, monkeypatch):
@@ -205,7 +206,7 @@ def test_run_measures_in_place_and_matches_lm_eval_on_the_folder(llmc_cli, tmp_p
     assert [(r["position"], r["dataset"], r["metric"]) for r in lm] == [(p, "tiny_choice", m) for p in ("pretrain", "fake_quant") for m in ("acc", "acc_norm")]
     assert all(0 <= r["value"] <= 1 and r["stderr"] > 0 for r in lm)
     stages = [s["stage"] for s in payload["stages"]]  # at its position: after pretrain PPL, before the method
-    assert stages.index("eval pretrain (ppl custom)") < stages.index("eval pretrain (lm_eval)") < stages.index("RTN transform")
+    assert stages.index("eval pretrain (ppl custom)") < stages.index("eval pretrain (lm_eval)") < stages.index("rtn transform")
     assert stages.index("quantize") < stages.index("eval fake_quant (lm_eval)")
     assert "| pretrain | lm_eval | tiny_choice | acc |" in (out / "report.md").read_text(encoding="utf-8")
     for position in ("pretrain", "fake_quant"):

@@ -1,7 +1,7 @@
 """Documents of the ``llmc_wikitext2_cloze`` task, built at load time from WikiText-2 (no copy kept).
 
 Each document is one sentence of ``wikitext2/wiki.test.raw`` without its last word, and four
-choices for that word: the true one and three last words of other sentences, in a fixed
+choices for that word: the true one and three last words of nearby sentences, in a fixed
 pseudo-random order. lm-eval scores each choice's log-likelihood after the context (``acc``) and
 per character (``acc_norm``).
 
@@ -19,6 +19,7 @@ from pathlib import Path
 RAW = Path("wikitext2") / "wiki.test.raw"
 MIN_WORDS, MAX_WORDS = 12, 40
 N_CHOICES = 4
+NEAR = 8  # distractors come from the 8 sentences before and after
 
 
 def data_root() -> Path:
@@ -44,11 +45,13 @@ def sentences(text: str) -> list[tuple[str, str]]:
 
 def build_docs(text: str) -> list[dict]:
     pairs = sentences(text)
-    pool = sorted({word for _, word in pairs})
     docs = []
     for i, (context, answer) in enumerate(pairs):
         rng = random.Random(f"llmc-cloze-{i}")  # per document: the same choices whatever the limit
-        choices = [answer] + rng.sample([w for w in pool if w != answer], N_CHOICES - 1)
+        # distractors: last words of nearby sentences (same article, same topic), so the choice
+        # takes the sentence's grammar and sense rather than the topic alone
+        near = sorted({w for _, w in pairs[max(0, i - NEAR) : i + NEAR + 1]} - {answer})
+        choices = [answer] + rng.sample(near, N_CHOICES - 1)
         rng.shuffle(choices)
         docs.append({"context": context, "choices": choices, "label": choices.index(answer)})
     return docs
