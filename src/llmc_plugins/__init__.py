@@ -9,5 +9,6 @@ DEFAULT_PLUGINS = (
     "llmc_plugins.methods.awq",
     "llmc_plugins.evaluators.ppl",
     "llmc_plugins.evaluators.opencompass",
+    "llmc_plugins.evaluators.lmeval",
     "llmc_plugins.savers",
 )
