@@ -298,7 +298,6 @@ def test_smollm2_awq_vllm_folder_matches_fake_quant(smollm2_path, shared_data, t
     cfg = {
         "model": {"type": "SmolLM2", "path": str(smollm2_path), "torch_dtype": "float32"},
         "calib": {"name": "c4", "path": str(shared_data / "c4" / "c4-train.00000-of-01024.first1000.jsonl"), "n_samples": 4, "seq_len": 256, "bs": -1, "preproc": "pileval_awq", "seed": 42},
-        "eval": {"eval_pos": ["fake_quant"], "name": "wikitext2", "path": str(shared_data / "wikitext2" / "wiki.test.raw"), "seq_len": 2048, "num_samples": 1},
         "quant": {"method": "Awq", "weight": {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 64, "scale_dtype": "float16"}},
         "save": {"save_path": str(out), "save_fake": True, "save_vllm": True},
     }

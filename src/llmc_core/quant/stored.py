@@ -24,13 +24,13 @@ QPARAMS_FILE = "llmc_qparams.safetensors"
 INFO_FILE = "llmc_quant.json"
 
 
-def _column_params(qw: Any, g_idx: Any = None) -> tuple[Any, Any]:
-    """Scale and zero point per weight element's column: ``[out, in]`` each (float32)."""
+def _column_params(qw: Any, g_idx: Any, device: Any) -> tuple[Any, Any]:
+    """Scale and zero point per weight element's column: ``[out, in]`` each (float32, on ``device``)."""
     import torch
 
     out_f, in_f = qw.codes.shape
     rows = qw.scales.shape[0]
-    scales, zeros = qw.scales.float().reshape(rows, -1), qw.zeros.float().reshape(rows, -1)
+    scales, zeros = qw.scales.to(device).float().reshape(rows, -1), qw.zeros.to(device).float().reshape(rows, -1)
     if rows != out_f:  # per tensor
         return scales.expand(out_f, in_f), zeros.expand(out_f, in_f)
     if g_idx is None:
@@ -41,7 +41,7 @@ def _column_params(qw: Any, g_idx: Any = None) -> tuple[Any, Any]:
 
 def dequantize(qw: Any, dtype: Any) -> Any:
     """``(codes - zero) * scale`` in float32, rounded once to ``dtype`` (what the fake model holds)."""
-    scales, zeros = _column_params(qw, getattr(qw, "g_idx", None))
+    scales, zeros = _column_params(qw, getattr(qw, "g_idx", None), qw.codes.device)
     return ((qw.codes.float() - zeros) * scales).to(dtype)
 
 
@@ -50,7 +50,7 @@ def recover_codes(weight: Any, qw: Any) -> Any:
     import torch
 
     spec = qw.spec
-    scales, zeros = _column_params(qw, getattr(qw, "g_idx", None))
+    scales, zeros = _column_params(qw, getattr(qw, "g_idx", None), weight.device)
     q = torch.clamp(torch.round(weight.float() / scales) + zeros, spec.qmin, spec.qmax)
     return q.to(torch.int8 if spec.symmetric else torch.uint8)
 
