@@ -188,7 +188,10 @@ class Saver(Plugin):
     """Writes the model at one position into ``save.save_path/<folder>`` (``save.save_<name>``).
 
     The core hands :meth:`save` a fresh temporary folder and renames it into place when it returns,
-    so a saver never deals with partial writes or existing folders.
+    so a saver never deals with partial writes or existing folders. ``llmc export`` calls a
+    ``fake_quant`` saver's :meth:`save` with an :class:`~llmc_core.export.ExportState` (``model``,
+    ``tokenizer``, ``quantized``, rebuilt from a saved ``fake_quant_model``) in place of the run,
+    and :meth:`check` with an object whose ``weight`` is the saved spec.
     """
 
     folder: ClassVar[str] = ""

@@ -1,4 +1,4 @@
-"""``llmc run | validate | plugins``.
+"""``llmc run | validate | export | plugins``.
 
 ``--help``, ``validate`` and ``plugins`` never import torch; user mistakes print one line per
 problem and exit with code 2, never a traceback.
@@ -30,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         if name == "run":
             s.add_argument("--resume", action="store_true", help="continue an interrupted run from the checkpoint in save.save_path (needs save.checkpoint_blocks: true)")
+    help_text = "write a real-int format (vllm, awq) from SAVE_PATH/fake_quant_model, without calibrating again"
+    s = sub.add_parser("export", help=help_text, description=help_text)
+    s.add_argument("save_path", metavar="SAVE_PATH", help="the save.save_path of a run that had save.save_fake: true")
+    s.add_argument("--to", required=True, metavar="FORMAT", help="vllm: compressed-tensors -> SAVE_PATH/vllm_quant_model; awq: AutoAWQ GEMM -> SAVE_PATH/awq_model")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.add_argument("-q", "--quiet", action="store_true", help="only warnings")
+    s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     s = sub.add_parser("plugins", help="list registered plugins by kind", description="list registered plugins by kind")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     return p
@@ -68,13 +75,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_bars_on_terminal_only() -> None:
+    if not sys.stderr.isatty():  # library progress bars (weight loading, GGUF conversion) only on a terminal
+        os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is first imported (a fresh process)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from llmc_core import config
     from llmc_core.run import Run
 
-    if not sys.stderr.isatty():  # library progress bars (weight loading, GGUF conversion) only on a terminal
-        os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is first imported (a fresh process)
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _progress_bars_on_terminal_only()
     cfg = config.load(args.config, args.overrides, resume=args.resume)
     if not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
@@ -112,6 +123,15 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from llmc_core.export import export
+
+    _progress_bars_on_terminal_only()
+    target = export(args.save_path, args.to, overwrite=args.overwrite)
+    print(f"wrote {target}")
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from llmc_core.plugins import get_manager
 
@@ -143,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return USER_ERROR_EXIT
     _setup_logging(args)
-    handler = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins}[args.command]
+    handler = {"run": cmd_run, "validate": cmd_validate, "export": cmd_export, "plugins": cmd_plugins}[args.command]
     try:
         return handler(args)
     except LlmcError as exc:

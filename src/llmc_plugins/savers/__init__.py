@@ -28,23 +28,37 @@ class SaveTrans(Saver):
 
 
 class SaveFake(Saver):
-    """The fake-quantized model: quantized-then-dequantized weights in the model's float dtype."""
+    """The fake-quantized model: quantized-then-dequantized weights in the model's float dtype.
+
+    Beside the weights: ``llmc_quant.json`` (method, spec, quantized layers) and
+    ``llmc_qparams.safetensors`` (scales, zero points), from which ``llmc export`` writes the
+    real-int formats later without calibrating again (:mod:`llmc_core.quant.stored`).
+    """
 
     name = "fake"
     folder = "fake_quant_model"
     position = "fake_quant"
 
     def save(self, run, folder):
+        from llmc_core.quant.stored import INFO_FILE, write_qparams
+
         save_hf_folder(run, folder)
         spec = run.config.weight.model_dump()
         info = {"method": run.config.quant.method, "weight": spec, "quantized_layers": sorted(run.quantized)}
-        (Path(folder) / "llmc_quant.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        other = {n: q.spec.model_dump() for n, q in run.quantized.items() if q.spec.model_dump() != spec}
+        if other:  # a method that quantized some layers with their own spec
+            info["layer_weight"] = other
+        if run.quantized:
+            info.update(write_qparams(folder, run.model, run.quantized))
+        (Path(folder) / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
 @hookimpl
 def llmc_register_savers(register):
     from llmc_plugins.savers.awq import SaveAwq
+    from llmc_plugins.savers.vllm import SaveVllm
 
     register(SaveTrans)
     register(SaveFake)
     register(SaveAwq)
+    register(SaveVllm)

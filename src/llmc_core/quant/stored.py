@@ -1,0 +1,122 @@
+"""The quantization parameters ``save_fake`` keeps beside the weights, and reading them back.
+
+A ``fake_quant_model`` folder holds the dequantized weights; with ``llmc_qparams.safetensors``
+beside them (``<layer>.scales`` float32, ``<layer>.zeros`` uint8 for asymmetric specs,
+``<layer>.g_idx`` int32 when a method set one) and the spec in ``llmc_quant.json``, the integer
+codes follow again as ``round(W / scale) + zero``: that is what lets ``llmc export`` write real
+int4/int8 formats later without calibrating again. float32, float16 and bfloat16 weights give
+codes of up to 8 bits back (bfloat16's relative rounding 2^-9 times ``|q - zero| <= 255`` stays
+under 1/2), except where a float16 weight is subnormal; where any layer's codes do not come back,
+``<layer>.codes`` is stored too (decided by trying, at save time). Everything read back is checked: the codes must dequantize to
+exactly the stored weights, or the folder is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llmc_core.errors import LlmcError
+
+QPARAMS_FILE = "llmc_qparams.safetensors"
+INFO_FILE = "llmc_quant.json"
+
+
+def _column_params(qw: Any, g_idx: Any, device: Any) -> tuple[Any, Any]:
+    """Scale and zero point per weight element's column: ``[out, in]`` each (float32, on ``device``)."""
+    import torch
+
+    out_f, in_f = qw.codes.shape
+    rows = qw.scales.shape[0]
+    scales, zeros = qw.scales.to(device).float().reshape(rows, -1), qw.zeros.to(device).float().reshape(rows, -1)
+    if rows != out_f:  # per tensor
+        return scales.expand(out_f, in_f), zeros.expand(out_f, in_f)
+    if g_idx is None:
+        g_idx = torch.arange(in_f, device=scales.device) * scales.shape[1] // in_f
+    g_idx = g_idx.long().to(scales.device)
+    return scales[:, g_idx], zeros[:, g_idx]
+
+
+def dequantize(qw: Any, dtype: Any) -> Any:
+    """``(codes - zero) * scale`` in float32, rounded once to ``dtype`` (what the fake model holds)."""
+    scales, zeros = _column_params(qw, getattr(qw, "g_idx", None), qw.codes.device)
+    return ((qw.codes.float() - zeros) * scales).to(dtype)
+
+
+def recover_codes(weight: Any, qw: Any) -> Any:
+    """The integer codes of a fake-quantized ``weight`` given ``qw``'s scales, zeros and spec."""
+    import torch
+
+    spec = qw.spec
+    scales, zeros = _column_params(qw, getattr(qw, "g_idx", None), weight.device)
+    q = torch.clamp(torch.round(weight.float() / scales) + zeros, spec.qmin, spec.qmax)
+    return q.to(torch.int8 if spec.symmetric else torch.uint8)
+
+
+def write_qparams(folder: str | Path, model: Any, quantized: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``llmc_qparams.safetensors`` for ``model``'s quantized layers; return what
+    ``llmc_quant.json`` should say about it."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    need_codes = []
+    for name, qw in quantized.items():
+        tensors[f"{name}.scales"] = qw.scales.detach().float().cpu().contiguous()
+        if not qw.spec.symmetric:
+            tensors[f"{name}.zeros"] = qw.zeros.detach().round().cpu().to(torch.uint8).contiguous()
+        g_idx = getattr(qw, "g_idx", None)
+        if g_idx is not None:
+            tensors[f"{name}.g_idx"] = g_idx.detach().cpu().to(torch.int32).contiguous()
+        weight = model.get_submodule(name).weight.detach()
+        if not _same(recover_codes(weight, qw), qw.codes):
+            tensors[f"{name}.codes"] = qw.codes.detach().cpu().contiguous()
+            need_codes.append(name)
+    save_file(tensors, str(Path(folder) / QPARAMS_FILE))
+    return {"qparams": QPARAMS_FILE, "codes_stored": need_codes}
+
+
+def read_quantized(folder: str | Path, model: Any) -> dict[str, Any]:
+    """The ``{layer name: QuantizedWeight}`` of a ``fake_quant_model`` folder loaded as ``model``.
+
+    Raises :class:`LlmcError` when the folder has no parameters (saved by an older llmc) or when
+    they do not reproduce the stored weights exactly (an edited folder, a mismatched file).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from llmc_core.quant.fake import QuantizedWeight
+    from llmc_core.quant.spec import QuantSpec
+
+    folder = Path(folder)
+    info_path = folder / INFO_FILE
+    if not info_path.is_file() or not (folder / QPARAMS_FILE).is_file():
+        raise LlmcError(f"{folder}: no {QPARAMS_FILE} beside the weights (the folder was not written by save_fake of this llmc version); run the config again with the export's save flag (e.g. save.save_vllm: true).")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    specs = {name: QuantSpec.model_validate(info.get("layer_weight", {}).get(name, info["weight"])) for name in info["quantized_layers"]}
+    tensors = load_file(str(folder / QPARAMS_FILE))
+    out = {}
+    for name, spec in specs.items():
+        try:
+            weight = model.get_submodule(name).weight.detach()
+            scales = tensors[f"{name}.scales"]
+        except (AttributeError, KeyError):
+            raise LlmcError(f"{folder}: {INFO_FILE} names layer {name}, which the model or {QPARAMS_FILE} lacks; the folder is incomplete.") from None
+        zeros = tensors.get(f"{name}.zeros", None)
+        qw = QuantizedWeight(weight.new_zeros(weight.shape, dtype=torch.uint8), scales, scales.new_zeros(scales.shape) if zeros is None else zeros.float(), spec)
+        if f"{name}.g_idx" in tensors:
+            qw.g_idx = tensors[f"{name}.g_idx"]
+        qw.codes = tensors[f"{name}.codes"] if f"{name}.codes" in tensors else recover_codes(weight, qw)
+        if not _same(dequantize(qw, weight.dtype), weight):
+            raise LlmcError(f"{folder}: the weights of {name} are not what {QPARAMS_FILE} quantizes to (was the model changed after saving?); save it again from the run.")
+        out[name] = qw
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Same shape and the same values, bit for bit (``b`` cast to ``a``'s dtype)."""
+    import torch
+
+    return a.shape == b.shape and torch.equal(a.cpu(), b.cpu().to(a.dtype))
