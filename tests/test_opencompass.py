@@ -316,6 +316,7 @@ def test_non_empty_output_path_is_refused_unless_overwrite(tmp_path, tiny_model_
     lines = _problems(_run_cfg(tmp_path, tiny_model_dir, tiny_text_file))
     assert any(f"opencompass.output_path: {out} already exists and is not empty" in line and "save.overwrite: true" in line for line in lines), lines
     validate(_run_cfg(tmp_path, tiny_model_dir, tiny_text_file, save={"save_path": str(tmp_path / "save"), "save_trans": True, "overwrite": True}))
+    validate(_run_cfg(tmp_path, tiny_model_dir, tiny_text_file), resume=True)  # the interrupted run's own output
 
 
 @pytest.mark.parametrize(("key", "value"), [("timeout", 0), ("timeout", -5), ("timeout", "soon"), ("humaneval_timeout", 0)])

@@ -4,8 +4,9 @@ The flow of :func:`run_step`: pick one model folder per ``eval_mode`` (:func:`mo
 write the settings for the OpenCompass-side driver, run it in a subprocess with OpenCompass's
 Python, then :func:`read_results` turns ``<work_dir>/results/<model>/<dataset>.json`` into
 :class:`~llmc_core.results.EvalRecord` s, failing with the failing task's log when one is missing
-(OpenCompass exits 0 even when every task failed) and when the weights OpenCompass loaded are not
-the ones llmc measured.
+(OpenCompass exits 0 even when every task failed), and when an inference log does not carry the
+fingerprint of the weights llmc measured (another one, or none: missing evidence is a failure).
+The subprocess runs at most ``opencompass.timeout`` seconds, in a process group of its own.
 """
 
 from __future__ import annotations
