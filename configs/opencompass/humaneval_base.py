@@ -1,8 +1,9 @@
 # HumanEval for a base (completion) model, run by llmc's `opencompass` step.
 # An ordinary OpenCompass 0.5 config with one rule: the model entry has no `path` (nor
 # `tokenizer_path`); llmc injects the folder of the model it just compressed.
-# llmc also sets the workers (opencompass.max_num_workers) and clamps run_cfg.num_gpus to the
-# visible GPUs (0 on a CPU machine); see docs/opencompass.md.
+# llmc also sets the workers (opencompass.max_num_workers), clamps run_cfg.num_gpus to the
+# visible GPUs (0 on a CPU machine) for the local runner, and keeps trust_remote_code off unless
+# the llmc config sets model.trust_remote_code: true; see docs/opencompass.md.
 from mmengine.config import read_base
 
 from opencompass.models import HuggingFaceBaseModel

