@@ -111,6 +111,13 @@ class Method(Plugin):
 
         check_divisible(self.weight, adapter.named_quant_linears())
 
+    @classmethod
+    def layout_problems(cls, options: BaseModel | None) -> list[str]:
+        """Why, with these ``quant.special`` options, the integer weights cannot go into a packed
+        layout whose groups are consecutive input columns (``save_awq``, ``real_quant``); empty when
+        they can. Checked when the config is validated."""
+        return []
+
     def transform_block(self, ctx: BlockContext) -> None:
         """Apply equivalent transformations (and weight clipping) to ``ctx.block`` in place."""
 

@@ -293,7 +293,8 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
     if "real_quant" in cfg.positions() and cfg.weight is not None:  # real_quant runs AWQ-packed int4 layers
         from llmc_core.quant.awq_format import awq_problems
 
-        problems.lines.extend(f"eval.eval_pos: real_quant: {p}. Measure fake_quant instead." for p in awq_problems(cfg.weight.bit, cfg.weight.granularity, cfg.weight.group_size))
+        layout = cfg.method.layout_problems(cfg.special) if cfg.method is not None else []
+        problems.lines.extend(f"eval.eval_pos: real_quant: {p}. Measure fake_quant instead." for p in awq_problems(cfg.weight.bit, cfg.weight.granularity, cfg.weight.group_size) + layout)
     if cfg.method is not None and cfg.method.needs_calibration and cfg.calib is None:
         problems.add(f"calib: quant.method '{cfg.quant.method}' needs calibration data; add a calib section (e.g. name: pileval, path: ...).")
     if cfg.quant is not None and cfg.quant.quant_out and "transformed" in cfg.positions():
