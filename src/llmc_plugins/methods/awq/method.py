@@ -115,9 +115,11 @@ class Awq(Method):
       layers); v1 also tries ``s = 1`` so it never loses to RTN.
     - ``n_grid`` (20): grid points of the scale search.
     - ``search_dtype`` (auto): precision of the search's forward passes through attention/MLP
-      (the reference output included). ``auto`` is bfloat16 for float32 models (the anchors search in
-      the model's fp16/bf16 on GPUs; on SmolLM2 it picks the same alphas as float32, 2-4x faster on
-      CPUs with bf16 units) and the model's dtype otherwise. Folding and the loss sums stay float32.
+      (the reference output included). ``auto`` is the model's dtype for fp16/bf16 models; for
+      float32 models it is bfloat16 where the device runs bf16 fast (CUDA with bf16; CPUs with
+      AVX512-BF16 or AMX: on SmolLM2 the same alphas as float32, 2-4x faster) and float32 elsewhere
+      (an AVX2-only CPU emulates bf16 about 44x slower); the choice and its reason are logged once
+      (``llmc_plugins.methods.awq.precision``). Folding and the loss sums stay float32.
     - ``awq_bs`` (none): split each calibration batch into sub-batches of this many samples for the
       search's forward passes (memory only; the loss is the same). Default: as many samples as
       make 8192 tokens, so memory does not grow with ``calib.n_samples``.
@@ -253,9 +255,11 @@ class Awq(Method):
     def _search_dtype(self, layer: Any) -> Any:
         import torch
 
+        from llmc_plugins.methods.awq.precision import auto_search_dtype
+
         name = self.options.search_dtype
         if name == "auto":
-            return torch.bfloat16 if layer.weight.dtype == torch.float32 else layer.weight.dtype
+            return auto_search_dtype(layer.weight.dtype, layer.weight.device)
         return getattr(torch, name)
 
     # -- weight clipping -------------------------------------------------------------------------
