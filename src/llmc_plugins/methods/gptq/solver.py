@@ -171,11 +171,10 @@ def _solve_block(W, W1, err1, hinv, hinv1, i1, codes, scales, zeros, loss, spec,
         wcol = W1[:, i : i + 1]
         q, dq = quantize_columns(wcol, scale, zero, spec)
         codes[:, col] = q[:, 0]
-        d = hinv1[i, i]
-        e = (wcol - dq) / d
-        loss += e.double().pow(2).sum() / 2
+        e = (wcol - dq) / hinv1[i, i]
         W1[:, i:] -= e @ hinv1[i : i + 1, i:]
         err1[:, i] = e[:, 0]
+    loss += err1.double().pow(2).sum() / 2  # GPTQ's loss: sum of (w - q)² / [H⁻¹]ᵢᵢ², halved
 
 
 @contextmanager
