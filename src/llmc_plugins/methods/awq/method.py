@@ -92,6 +92,11 @@ class Awq(Method):
     v1`` clamps the float weights). Then ``n_grid`` forwards of the attention and of the MLP in the
     search precision, and the clip check's two block forwards on at most 16384 tokens.
 
+    Memory: the scale search quantizes its grid one candidate (or a few, up to 256 MB) at a time, so
+    it needs the block, its captured activations and a few float32 copies of the largest layer
+    whatever ``n_grid`` is: 180 MB per copy for a Llama-2-7B down_proj, 0.94 GB for a 70B one (the
+    whole 20-point grid at once would be 3.6 GB and 19 GB).
+
     What it does not do: fold into embeddings or ``lm_head`` (SmolLM2 ties them), scale o_proj
     under grouped-query attention (the group is skipped and logged, as ModelTC does by default),
     quantize activations, or choose on the first batch only (ModelTC does; llmc sums all batches).

@@ -70,10 +70,12 @@ class Gptq(Method):
     stage.
 
     Memory: one block's Hessians at a time, float32 ``in × in`` per shared input (one at a time with
-    ``true_sequential``), and the solver holds at most two more such matrices while it inverts one.
-    SmolLM2-135M: 1536² · 4 B = 9 MB for down_proj. Llama-2-7B: 11008² · 4 B = 0.48 GB for down_proj,
-    0.27 GB for the other three inputs together. Llama-2/3-70B: down_proj's ``H`` is 28672² · 4 B =
-    3.3 GB, about 10 GB while it is inverted, plus the block (1.7 GB in fp16) and its activations.
+    ``true_sequential``); while one layer is solved, up to four such matrices are alive (``H``, the
+    solver's damped/permuted copy, the Cholesky factor and its inverse). SmolLM2-135M: 1536² · 4 B =
+    9 MB for down_proj. Llama-2-7B: 11008² · 4 B = 0.48 GB for down_proj (about 2 GB while it is
+    solved), 0.2 GB for the other three inputs together. Llama-2/3-70B: down_proj's ``H`` is
+    28672² · 4 B = 3.3 GB, about 13 GB while it is solved, plus the block (1.7 GB in fp16), the
+    layer's float32 weight copies (0.94 GB each) and the cached activations.
 
     What it does not do: OWQ's float outlier columns, activation quantization, or layers outside
     the decoder blocks (embeddings, ``lm_head``).
