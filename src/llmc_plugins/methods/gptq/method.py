@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from llmc_core.api import Method, StrictModel
 from llmc_core.errors import LlmcError
+from llmc_plugins.methods.awq.method import AwqConfig
 
 log = logging.getLogger("llmc.gptq")
 
@@ -33,6 +34,13 @@ class GptqConfig(StrictModel):
     percdamp: float = Field(default=0.01, ge=0, le=10)
     blocksize: int = Field(default=128, gt=0)
     true_sequential: bool = True
+    awq: AwqConfig | None = None
+
+    @model_validator(mode="after")
+    def _awq_leaves_rounding_to_gptq(self) -> GptqConfig:
+        if self.awq is not None and self.awq.weight_clip and self.awq.clip_version == "v2":
+            raise ValueError("awq.clip_version: v2 clamps at quantization time, which GPTQ does; use clip_version: v1 (the clamp is folded into the float weights) or weight_clip: false")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -106,6 +114,11 @@ class Gptq(Method):
       gate/up, then down), each on inputs computed with the earlier layers already quantized
       (one partial block forward per set); false: all Hessians from one forward of the float block.
 
+    - ``awq`` (none): AWQ's options (the ``Awq`` method's ``quant.special``, e.g. ``{trans: true,
+      weight_clip: true, clip_version: v1}``): run AWQ's scale search and folding (and clipping,
+      folded into the float weights) on each block first, then GPTQ's rounding on the scaled block.
+      ``transformed`` is then AWQ's transformed model.
+
     Rejected with a reason: ``owq``, ``n_outs``, ``quant_out`` (belongs to ``quant``); any other
     unknown key is an error too.
     """
@@ -115,6 +128,11 @@ class Gptq(Method):
 
     def __init__(self, options: GptqConfig, weight: Any):
         super().__init__(options, weight)
+        self.awq = None
+        if options.awq is not None:
+            from llmc_plugins.methods.awq import Awq
+
+            self.awq = Awq(options.awq, weight)  # scales first; GPTQ rounds the scaled weights
         # full layer name -> QuantizedWeight solved in transform_block, written by quantize_block
         self.solved: dict[str, Any] = {}
 
@@ -126,10 +144,17 @@ class Gptq(Method):
 
     # -- runner hooks ----------------------------------------------------------------------------
 
+    def check_model(self, adapter: Any) -> None:
+        super().check_model(adapter)
+        if self.awq is not None:
+            self.awq.check_model(adapter)
+
     def transform_block(self, ctx: Any) -> None:
         from llmc_plugins.methods.gptq.solver import Hessian, gptq_quantize
 
         opts = self.options
+        if self.awq is not None:
+            self.awq.transform_block(ctx)  # its log stays in self.awq.log
         linears = ctx.adapter.quant_linears(ctx.block)
         steps = self._steps(ctx, linears)
         originals = {n: m.weight.data for n, m in linears.items()}
