@@ -46,3 +46,6 @@ def test_plugins_lists_kinds_with_distribution():
 def test_no_command_prints_help_and_exits_2():
     res = run_cli()
     assert res.exit_code == 2
+    assert res.stdout.startswith("usage: llmc")  # the help, not an error or nothing
+    for command in ("run", "validate", "plugins"):
+        assert f"\n    {command} " in res.stdout, command  # each command listed with its summary

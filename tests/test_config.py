@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import time
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -111,7 +112,7 @@ def test_missing_files_are_named(cfg, tmp_path):
     cfg["calib"]["path"] = str(tmp_path / "missing.txt")
     problems = _errors(cfg)
     assert any(p.startswith("model.path:") and "does not exist" in p for p in problems)
-    assert any(p.startswith("calib.path:") and "download: true" in p for p in problems)
+    assert any(p.startswith("calib.path:") and "download: auto" in p and "docs/data.md" in p for p in problems)
 
 
 def test_existing_output_folder_is_refused_unless_overwrite(cfg, tmp_path):
@@ -174,16 +175,16 @@ def test_cli_yaml_syntax_error_is_reported_as_such(tmp_path):
 
 
 def test_cli_typo_fails_fast_with_exit_code_2(cfg, write_yaml):
+    """Fast because nothing heavy happens before validation: in a fresh interpreter the error comes
+    back without torch ever being imported (so no model was loaded either)."""
     cfg["calib"]["seq_lenn"] = 512
     path = write_yaml(cfg)
-    start = time.perf_counter()
-    res = run_cli("run", str(path))
-    elapsed = time.perf_counter() - start
-    assert res.exit_code == 2
+    code = f"import sys; from llmc_core.cli import main; code = main(['run', {str(path)!r}]); assert 'torch' not in sys.modules, 'torch imported'; sys.exit(code)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.startswith("llmc:")]
     assert lines == [line for line in res.stderr.splitlines() if line.strip()]  # nothing but the error line
     assert len(lines) == 1 and "calib.seq_lenn" in lines[0]
-    assert elapsed < 1.0
 
 
 def test_cli_missing_config_file(tmp_path):
@@ -232,3 +233,21 @@ save:
 """
     rc = config.validate(yaml.safe_load(text))
     assert rc.calib.n_samples == 128 and rc.weight.group_size == 128
+
+
+def test_download_auto_without_the_datasets_package_is_refused_before_loading(cfg, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    cfg["calib"].update(path=str(tmp_path / "missing.txt"), download="auto")
+    (line,) = _errors(cfg)
+    assert line.startswith("calib.download:") and "does not exist, so download: auto" in line and "pip install datasets" in line
+    cfg["calib"]["path"] = str(tmp_path)  # found locally: nothing to fetch, nothing to install
+    config.validate(cfg)
+
+
+def test_download_takes_only_false_true_or_auto(cfg):
+    cfg["calib"]["download"] = "sometimes"
+    (line,) = _errors(cfg)
+    assert line.startswith("calib.download:")

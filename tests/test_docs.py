@@ -157,19 +157,37 @@ def test_tutorial_excerpts_match_the_example_verbatim():
     assert excerpts >= 5
 
 
+PARSED = {"python", "yaml", "toml"}  # checked by a parser
+SHOWN = {"bash", "console", "text", ""}  # shown as they are (commands, output, diagrams)
+
+
 @pytest.mark.parametrize("path", doc_files(), ids=lambda p: p.name)
 def test_code_blocks_parse(path):
-    for lang, code in code_blocks(path):
-        if lang == "python":
-            if re.match(r"# from \S+\n", code):  # an excerpt, possibly of indented methods
-                code = textwrap.dedent(code.partition("\n")[2])
-            elif re.fullmatch(r"llmc_\w+\(.*\) -> .+\n", code):  # a hook signature in hooks.md
-                code = f"def {code.strip()}: ..."
-            compile(code, f"{path.name} code block", "exec")
-        elif lang == "yaml":
-            yaml.safe_load(code)
-        elif lang == "toml":
-            tomllib.loads(code)
+    """Every fenced block is found and is of a known kind (a ``py`` or ``yml`` block would
+    otherwise be skipped unchecked); every python, yaml and toml block parses."""
+    blocks = code_blocks(path)
+    fences = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.startswith("```")]
+    assert len(fences) == 2 * len(blocks), f"{path.name}: {len(fences)} fence lines but {len(blocks)} blocks found (an unclosed fence?)"
+    problems = []
+    for i, (lang, code) in enumerate(blocks):
+        where = f"{path.name} block {i + 1} ({lang or 'plain'})"
+        if lang not in PARSED | SHOWN:
+            problems.append(f"{where}: unknown language; use one of {sorted(PARSED | SHOWN)}")
+            continue
+        try:
+            if lang == "python":
+                if re.match(r"# from \S+\n", code):  # an excerpt, possibly of indented methods
+                    code = textwrap.dedent(code.partition("\n")[2])
+                elif re.fullmatch(r"llmc_\w+\(.*\) -> .+\n", code):  # a hook signature in hooks.md
+                    code = f"def {code.strip()}: ..."
+                compile(code, where, "exec")
+            elif lang == "yaml":
+                yaml.safe_load(code)
+            elif lang == "toml":
+                tomllib.loads(code)
+        except (SyntaxError, yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+            problems.append(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    assert problems == []
 
 
 @pytest.mark.parametrize("path", doc_files(), ids=lambda p: p.name)

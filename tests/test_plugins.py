@@ -54,6 +54,7 @@ def installed(monkeypatch, fresh_plugins):
 
     monkeypatch.setattr(plugins.importlib.metadata, "entry_points", entry_points)
     monkeypatch.delenv("LLMC_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("LLMC_LOAD_PLUGINS", raising=False)
 
     def install(*new: FakeEntryPoint) -> list[FakeEntryPoint]:
         eps.extend(new)
@@ -216,6 +217,28 @@ def test_autoload_stays_on_for_false_values(installed, monkeypatch, value):
     installed(FakeEntryPoint("broken", "llmc-broken", RuntimeError("loaded")))
     monkeypatch.setenv("LLMC_DISABLE_PLUGIN_AUTOLOAD", value)
     with pytest.raises(LlmcError, match="llmc-broken"):
+        plugins.new_manager()
+
+
+def test_allowlist_loads_only_the_named_distributions(installed, monkeypatch):
+    import llmc_plugins.methods.rtn as rtn
+
+    wanted = plugin_module("wanted", method_class("wanted"))
+    installed(FakeEntryPoint("rtn", "llmc", rtn), FakeEntryPoint("w", "Llmc_Wanted", wanted), FakeEntryPoint("broken", "llmc-broken", RuntimeError("loaded")))
+    monkeypatch.setenv("LLMC_LOAD_PLUGINS", " llmc-wanted ")  # pip's spelling rules: case and _ vs -
+    manager = plugins.new_manager()
+    assert manager.names("method") == ["rtn", "wanted"]
+    assert set(manager.sources.values()) == {"llmc", "Llmc_Wanted"}
+    monkeypatch.setenv("LLMC_LOAD_PLUGINS", "")  # set but empty: no third-party plugin
+    assert plugins.new_manager().names("method") == ["rtn"]
+
+
+def test_allowlist_naming_an_absent_distribution_is_an_error(installed, monkeypatch):
+    import llmc_plugins.methods.rtn as rtn
+
+    installed(FakeEntryPoint("rtn", "llmc", rtn), FakeEntryPoint("w", "llmc-wanted", plugin_module("w2", method_class("w2"))))
+    monkeypatch.setenv("LLMC_LOAD_PLUGINS", "llmc-wantd")
+    with pytest.raises(LlmcError, match=r"LLMC_LOAD_PLUGINS names llmc-wantd, which no installed distribution provides .*installed: llmc-wanted"):
         plugins.new_manager()
 
 

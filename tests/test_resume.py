@@ -16,6 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from llmc_core import hookimpl
+from llmc_core.api import Method, NoOptions
 from llmc_core.testing import read_results, registered, run_cli, run_config, save_tiny_llama, write_config
 
 # A calibration method whose result depends on the block inputs (an AWQ-like input scale folded
@@ -229,18 +230,19 @@ def test_awq_with_deferred_clipping_resumes_exactly(tmp_path, model4, tiny_text_
     assert resumed.exit_code == 0, resumed.stderr
     _assert_same_model(ref_out, out)
     assert read_results(out) == read_results(ref_out)
-    import torch
-
-    ref_scales = torch.load(tmp_path / "scales_ref" / "scales.pth")
-    got_scales = torch.load(tmp_path / "scales_stopped" / "scales.pth")
+    ref_scales = load_file(tmp_path / "scales_ref" / "scales.pth")  # safetensors under ModelTC's name
+    got_scales = load_file(tmp_path / "scales_stopped" / "scales.pth")
     assert ref_scales.keys() == got_scales.keys() and len(ref_scales) > 0
     assert all(ref_scales[k].equal(got_scales[k]) for k in ref_scales)
 
 
 def test_interrupted_overwrite_keeps_the_old_folder(tmp_path, monkeypatch):
-    """Ctrl-C between moving the old folder aside and moving the new one in puts the old one back."""
+    """Ctrl-C between moving the old folder aside and moving the new one in (the fallback where
+    renameat2 cannot exchange them) puts the old one back."""
+    from llmc_core import fsutil
     from llmc_core.fsutil import atomic_folder
 
+    monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)
     target = tmp_path / "model"
     target.mkdir()
     (target / "weights").write_text("old")
@@ -263,3 +265,108 @@ def test_interrupted_overwrite_keeps_the_old_folder(tmp_path, monkeypatch):
     umask = os.umask(0)
     os.umask(umask)
     assert (target / "weights").read_text() == "new" and target.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+class _Evil:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _tamper(path: Path, how: str, marker: Path) -> None:
+    import pickle
+
+    import torch
+
+    if how == "pickle":
+        path.write_bytes(pickle.dumps({"state_dict": _Evil(marker)}))
+    elif how == "torch_zip":  # a real torch.save archive whose pickle carries the payload
+        torch.save({"state_dict": _Evil(marker), "x": torch.zeros(2)}, path)
+    else:  # truncated
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+
+def test_tampered_or_truncated_checkpoint_is_refused_without_running_code(tmp_path, plugin, model4, tiny_text_file, monkeypatch):
+    """Every file of the checkpoint, replaced by a malicious pickle (raw, or inside a torch.save
+    archive) or cut in half: --resume stops with one llmc: line naming the file, exit 2, no
+    traceback, and the pickle's payload never runs. The untouched checkpoint still resumes."""
+    import shutil
+
+    cfg, out = _config(tmp_path, model4, tiny_text_file, "tampered")
+    monkeypatch.setenv("KEYBOARD_AT_BLOCK", "2")
+    assert run_cli("run", str(cfg), "-q").exit_code == 130
+    monkeypatch.delenv("KEYBOARD_AT_BLOCK")
+    ckpt = out / ".checkpoints"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(ckpt, pristine)
+    names = sorted(p.name for p in pristine.iterdir())
+    assert names == ["block_00000.pt", "block_00001.pt", "manifest.json", "method_00001.safetensors", "outputs_00001.pt"]
+    marker = tmp_path / "pwned"
+    for name in names:
+        for how in ("pickle", "torch_zip", "truncated"):
+            shutil.rmtree(ckpt)
+            shutil.copytree(pristine, ckpt)
+            _tamper(ckpt / name, how, marker)
+            res = run_cli("run", str(cfg), "--resume", "-q")
+            errors = [ln for ln in res.stderr.splitlines() if ln.startswith("llmc:")]
+            assert res.exit_code == 2, (name, how, res.stderr[-2000:])
+            assert len(errors) == 1 and name in errors[0] and "damaged" in errors[0], (name, how, res.stderr[-2000:])
+            assert "Traceback" not in res.stderr
+            assert not marker.exists(), f"{name} ({how}) ran code on --resume"
+    shutil.rmtree(ckpt)
+    shutil.copytree(pristine, ckpt)
+    assert run_cli("run", str(cfg), "--resume", "-q").exit_code == 0
+
+
+class _Stateful(Method):
+    """A third-party method written before state_dict existed: it keeps a counter in self."""
+
+    name = "stateful_undeclared_test"
+    Config = NoOptions
+
+    def transform_block(self, ctx):
+        self.seen = getattr(self, "seen", 0) + 1
+        if os.environ.get("KEYBOARD_AT_BLOCK") == str(ctx.index):
+            raise KeyboardInterrupt
+
+
+class _StatefulPlugin:
+    @hookimpl
+    def llmc_register_methods(self, register):
+        register(_Stateful)
+
+
+def test_resume_refuses_a_method_with_undeclared_state(tmp_path, model4, tiny_text_file, monkeypatch):
+    """Fails closed: state the checkpoint cannot carry stops --resume instead of being dropped."""
+    out = tmp_path / "out"
+    data = run_config(model4, tiny_text_file, out, method="stateful_undeclared_test")
+    data["eval"]["num_samples"] = 1
+    data["save"] = {"save_path": str(out), "save_fake": True, "checkpoint_blocks": True}
+    cfg = write_config(tmp_path / "cfg.yml", data)
+    with registered(_StatefulPlugin(), name="test:stateful"):
+        monkeypatch.setenv("KEYBOARD_AT_BLOCK", "2")
+        assert run_cli("run", str(cfg), "-q").exit_code == 130
+        monkeypatch.delenv("KEYBOARD_AT_BLOCK")
+        res = run_cli("run", str(cfg), "--resume", "-q")
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("llmc:")]
+    assert res.exit_code == 2 and len(errors) == 1 and "seen" in errors[0] and "state_dict" in errors[0], res.stderr
+
+
+def test_method_state_round_trips_without_pickle(tmp_path):
+    import torch
+
+    from llmc_core.statefile import read_state, write_state
+
+    s = torch.rand(8)
+    state = {"log": [{"block": 0, "alpha": None, "loss": 0.5}], "state": {"scales": {"a": s, "b": s}, "n": 3, "pair": (1, "x")}}
+    write_state(tmp_path / "m.safetensors", state)
+    back = read_state(tmp_path / "m.safetensors")
+    assert back["log"] == state["log"] and back["state"]["n"] == 3 and back["state"]["pair"] == [1, "x"]
+    assert back["state"]["scales"]["a"].equal(s) and back["state"]["scales"]["b"].equal(s)
+    with pytest.raises(TypeError, match="state.state.bad"):
+        write_state(tmp_path / "x.safetensors", {"state": {"bad": object()}})

@@ -29,12 +29,18 @@ def test_run_end_to_end_with_savers(tiny_model_dir, tiny_text_file, tmp_path, wr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "out"
-    cfg = run_config(tiny_model_dir, tiny_text_file, out, save={"save_path": str(out), "save_fake": True, "save_trans": True})
+    # AWQ with v1 clipping changes the float model (folded scales, clamped weights), so the
+    # transformed folder can be told apart from the original and from the quantized one.
+    cfg = run_config(
+        tiny_model_dir, tiny_text_file, out, method="awq", bit=3, special={"weight_clip": True, "n_grid": 5, "clip_check": False},
+        eval_pos=("pretrain", "transformed", "fake_quant"), save={"save_path": str(out), "save_fake": True, "save_trans": True},
+    )
     res = run_cli("run", str(write_yaml(cfg)), "-q")
     assert res.exit_code == 0, res.stderr
     payload = json.loads((out / "results.json").read_text())
     by_pos = {r["position"]: r for r in payload["results"]}
-    assert set(by_pos) == {"pretrain", "fake_quant"}
+    assert set(by_pos) == {"pretrain", "transformed", "fake_quant"}
+    assert by_pos["transformed"]["value"] != pytest.approx(by_pos["pretrain"]["value"], rel=1e-6)
     assert all(r["metric"] == "perplexity" and r["seconds"] >= 0 for r in by_pos.values())
     assert "fake_quant" in res.stdout and "perplexity" in res.stdout
 
@@ -44,7 +50,9 @@ def test_run_end_to_end_with_savers(tiny_model_dir, tiny_text_file, tmp_path, wr
     ids = tok("\n\n".join(tiny_text_file.read_text().splitlines()), return_tensors="pt").input_ids[0]
     assert _ppl(model, ids, 64) == pytest.approx(by_pos["fake_quant"]["value"], rel=1e-4)
     trans = AutoModelForCausalLM.from_pretrained(out / "transformed_model", dtype=torch.float32).eval()
-    assert _ppl(trans, ids, 64) == pytest.approx(by_pos["pretrain"]["value"], rel=1e-4)
+    assert _ppl(trans, ids, 64) == pytest.approx(by_pos["transformed"]["value"], rel=1e-4)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    assert any(not torch.equal(v, original[k]) for k, v in trans.state_dict().items())  # not the original model
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
     # a second run into the same folder is refused, and nothing is touched

@@ -7,10 +7,16 @@ Nothing here imports torch at module level, so listing and validating plugins st
 
 from __future__ import annotations
 
+import logging
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+from llmc_core.schema import NoOptions, StrictModel
+
+__all__ = ["Dataset", "Evaluator", "Method", "ModelFamily", "NoOptions", "Plugin", "Preproc", "Saver", "StrictModel"]
 
 if TYPE_CHECKING:
     import torch
@@ -21,15 +27,7 @@ if TYPE_CHECKING:
     from llmc_core.results import EvalRecord
     from llmc_core.run import Run
 
-
-class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class NoOptions(StrictModel):
-    """The config of a plugin that takes no options."""
+log = logging.getLogger("llmc")
 
 
 class Plugin:
@@ -65,21 +63,38 @@ class Dataset(Plugin):
         """Return the corpus as rows of text.
 
         :param path: the file or folder from the config (already expanded), or None.
-        :param download: whether fetching from a hub is allowed.
+        :param download: fetch from the hub (``path`` is then None); the core has already resolved
+            the config's ``download: auto`` to True or False.
         :param purpose: ``"calib"`` or ``"eval"`` (datasets pick their split from it).
         """
         raise NotImplementedError
 
-    def read_rows(self, path: str | None, download: bool, purpose: str, where: str) -> list[str]:
-        """:meth:`load_rows`, with a file that cannot be read as text (a folder, binary or
-        non-UTF-8 bytes, no permission) reported as one line naming ``where`` (e.g. ``calib.path``)."""
+    def read_rows(self, path: str | None, download: bool | str, purpose: str, where: str) -> list[str]:
+        """:meth:`load_rows` for the config's ``path`` and ``download`` (``false``, ``true`` or
+        ``"auto"``), logging where the rows came from.
+
+        ``download: true`` fetches from the hub; ``"auto"`` reads ``path`` when it exists and fetches
+        otherwise; ``false`` reads ``path`` only. A file that cannot be read as text (a folder, binary
+        or non-UTF-8 bytes, no permission) or that holds no text is reported as one line naming
+        ``where`` (e.g. ``calib.path``).
+        """
         from llmc_core.errors import LlmcError
 
+        local = bool(path) and Path(path).exists()
+        fetch = download is True or (download == "auto" and not local)
+        if fetch:
+            log.info("%s: fetching the %s dataset from the hub (download: %s%s)", where, self.name, str(download).lower(), f"; {path} does not exist" if path and not local else "")
+        elif download == "auto":
+            log.info("%s: reading %s (download: auto, found locally)", where, path)
         try:
-            return self.load_rows(path, download, purpose)
+            rows = self.load_rows(None if fetch else path, fetch, purpose)
         except (UnicodeDecodeError, OSError) as exc:
             what = f"is not UTF-8 text ({exc.reason} at byte {exc.start})" if isinstance(exc, UnicodeDecodeError) else f"cannot be read ({exc.strerror or exc})"
             raise LlmcError(f"{where}: {path} {what}. Point it at a text file of the {self.name} dataset's format.") from exc
+        if not any(isinstance(r, str) and r.strip() for r in rows):  # fail here, not after the model has loaded
+            source = path or f"the downloaded {self.name} data"
+            raise LlmcError(f"{where}: {source} holds no documents (no row of text). Point it at a non-empty file of the {self.name} dataset's format.")
+        return rows
 
 
 class Preproc(Plugin):
@@ -93,9 +108,13 @@ class Preproc(Plugin):
 class Method(Plugin):
     """A compression method (``quant.method``), applied one decoder block at a time.
 
-    The runner calls :meth:`check_model` once after the model loads, :meth:`transform_block` for
-    each block with its cached inputs (only when :attr:`needs_calibration`), and later
-    :meth:`quantize_block` for each block. ``quant.special`` is validated against ``Config``.
+    The lifecycle, in order: :meth:`check` at config validation (before the model loads);
+    :meth:`check_model` once after the model loads; :meth:`transform_block` for each block with its
+    cached inputs (only when :attr:`needs_calibration`); :meth:`quantize_block` for each block
+    (right after ``transform_block`` with ``quant.quant_out: true``, else in a later pass);
+    :meth:`finish` once after the last block call. With block checkpoints the runner keeps
+    :meth:`state_dict` after each block and a resumed run hands it to :meth:`load_state_dict`
+    before the next block. ``quant.special`` is validated against ``Config``.
     """
 
     needs_calibration: ClassVar[bool] = True
@@ -105,18 +124,16 @@ class Method(Plugin):
         self.weight = weight
         self.log: list[dict[str, Any]] = []
 
+    @classmethod
+    def check(cls, run_config: Any) -> None:
+        """Raise :class:`~llmc_core.errors.LlmcError` if the run's settings cannot work, e.g. a file
+        the method would write exists and ``save.overwrite`` is false. Called at validation."""
+
     def check_model(self, adapter: ModelAdapter) -> None:
         """Raise :class:`~llmc_core.errors.LlmcError` if the method cannot handle this model."""
         from llmc_core.quant import check_divisible
 
         check_divisible(self.weight, adapter.named_quant_linears())
-
-    @classmethod
-    def layout_problems(cls, options: BaseModel | None) -> list[str]:
-        """Why, with these ``quant.special`` options, the integer weights cannot go into a packed
-        layout whose groups are consecutive input columns (``save_awq``, ``real_quant``); empty when
-        they can. Checked when the config is validated."""
-        return []
 
     def transform_block(self, ctx: BlockContext) -> None:
         """Apply equivalent transformations (and weight clipping) to ``ctx.block`` in place."""
@@ -133,6 +150,23 @@ class Method(Plugin):
         for name, linear in ctx.adapter.quant_linears(ctx.block).items():
             out[f"{ctx.prefix}.{name}"] = fake_quantize_linear(linear, self.weight)
         return out
+
+    def finish(self, overwrite: bool) -> None:
+        """Called once after the method's last block call (the quantize pass, or the block loop
+        with ``quant.quant_out: true``), also in a resumed run: write end-of-run files here.
+        ``overwrite``: whether such files may replace existing ones (``save.overwrite``, or a
+        resumed run, which may have written them before it was interrupted)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this object carries from one block to the next (e.g. scales found so far), as a
+        dict of tensors and JSON values (nested dicts and lists allowed). The block checkpoint
+        keeps it after each block; the default says there is nothing (``self.log`` is kept by the
+        runner). A method that keeps other attributes must override it, or --resume refuses."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned (tensors on the CPU), before the first block
+        of a resumed run."""
 
 
 class Evaluator(Plugin):

@@ -4,41 +4,44 @@ With ``save.checkpoint_blocks: true`` the run keeps, under ``save_path/.checkpoi
 
 - ``block_00007.pt`` per finished block of the block-wise runner: the block's ``state_dict`` after
   the method's transform (scales and clips are folded into the weights), the integer weights the
-  method produced for it (``quant.quant_out: true``), what the method object carries from block to
-  block (see below), the few calibration inputs the per-layer error report uses, and the
-  random-number states after the block;
+  method produced for it (``quant.quant_out: true``), the few calibration inputs the per-layer
+  error report uses, and the random-number states after the block (tensors, numbers and strings
+  only: read back with ``torch.load(weights_only=True)``);
+- ``method_00007.safetensors``: what the method carries from block to block, as its
+  :meth:`~llmc_core.api.Method.state_dict` declares it, and its ``log`` (tensors in safetensors,
+  the rest as JSON; see :mod:`llmc_core.statefile`); only the latest is kept;
 - ``outputs_00007.pt``: that block's outputs, i.e. the next block's inputs (only the latest is kept);
 - ``manifest.json``, written last: the config fingerprint, how many blocks are done, the evaluation
   records and the saved folders so far.
 
-Every file is written to a temporary name, fsynced and renamed, and the manifest is the only
+Every file is written with :func:`llmc_core.fsutil.atomic_file`, and the manifest is the only
 source of truth, so a kill at any instant leaves a checkpoint that is either the old or the new one.
 ``llmc run --resume cfg.yml`` loads the model again, restores the finished evaluations and blocks,
 and continues with the next block; the result equals an uninterrupted run's (tests/test_resume.py).
 The folder is removed when the run finishes.
 
-A method's state across blocks (AWQ's scales and clipping ranges, its log) is kept without the
-method's help, in ``method_00007.pt``: every picklable attribute of the method object except
-``options`` and ``weight``, incrementally (for a dict the keys added since the previous block, for
-a list the items appended since then, anything else whole). A method that rewrites dict entries or
-list items of earlier blocks, or keeps unpicklable state, cannot be resumed exactly. The method
-files are unpickled on resume, so they are trusted like the rest of the output folder; the block
-files hold tensors only and are read with ``weights_only=True``.
+Nothing in the folder can run code: no file is unpickled. A file that is damaged, truncated or
+replaced stops ``--resume`` with one line naming it. A method that keeps attributes besides
+``options``, ``weight`` and ``log`` without overriding ``state_dict`` cannot be resumed exactly;
+the checkpoint notes that, and ``--resume`` refuses instead of continuing with lost state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmc_core.errors import LlmcError
+from llmc_core.fsutil import atomic_file
 from llmc_core.results import EvalRecord
+from llmc_core.statefile import read_state, write_state
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +51,8 @@ if TYPE_CHECKING:
     from llmc_core.run import Run
 
 FOLDER = ".checkpoints"
-FORMAT = 1
+FORMAT = 2
+BASE_ATTRIBUTES = ("options", "weight", "log")  # what every Method has (api.Method.__init__)
 
 
 def fingerprint(config: RunConfig) -> str:
@@ -66,7 +70,6 @@ class Checkpoint:
         self.folder = folder
         self.manifest = manifest
         self.restored_blocks = 0  # blocks taken from the checkpoint by this process
-        self._kept: dict[str, Any] = {}  # method attribute -> dict keys / list length already saved
 
     @classmethod
     def open(cls, config: RunConfig, resume: bool) -> Checkpoint | None:
@@ -79,11 +82,19 @@ class Checkpoint:
             path = folder / "manifest.json"
             if not path.is_file():
                 raise LlmcError(f"--resume: there is no checkpoint in {folder}. Run without --resume (with save.checkpoint_blocks: true to make one).")
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-            if manifest.get("fingerprint") != fp or manifest.get("format") != FORMAT:
+            manifest = _read_manifest(path)
+            if manifest.get("format") != FORMAT:
+                raise LlmcError(f"--resume: the checkpoint in {folder} was written by another llmc version (format {manifest.get('format')!r}, this one reads {FORMAT}). Start over without --resume and with save.overwrite: true.")
+            if manifest.get("fingerprint") != fp:
                 raise LlmcError(
                     f"--resume: the checkpoint in {folder} was written by a different config. Resume with the same config and "
                     "overrides, or start over without --resume and with save.overwrite: true."
+                )
+            if manifest.get("method_undeclared"):
+                raise LlmcError(
+                    f"--resume: the method kept {', '.join(manifest['method_undeclared'])} between blocks without declaring them in "
+                    "state_dict(), so a resume would continue without them. Start over without --resume and with save.overwrite: true "
+                    "(method authors: implement state_dict/load_state_dict, see docs/plugins/tutorial.md)."
                 )
             return cls(folder, manifest)
         if not getattr(config.save, "checkpoint_blocks", False):
@@ -100,7 +111,7 @@ class Checkpoint:
         """The records of ``position`` if an earlier attempt finished that evaluation."""
         if position not in self.manifest.get("positions", []):
             return None
-        return [EvalRecord(**r) for r in self.manifest["records"] if r["position"] == position]
+        return [EvalRecord(**r) for r in self.manifest["records"] if r["position"] == position]  # shapes checked by _read_manifest
 
     def add_records(self, position: str, records: list[EvalRecord]) -> None:
         self.manifest["records"] += [asdict(r) for r in records]
@@ -143,13 +154,16 @@ class Checkpoint:
             "rng_numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:])],
         }
         _atomic_torch_save(state, self._block_file(ctx.index))
-        _atomic_torch_save(self._method_delta(run.method), self._method_file(ctx.index))
+        method = run.method
+        write_state(self._method_file(ctx.index), {"log": method.log, "state": method.state_dict()}, f"{type(method).__name__}.state_dict()")
         _atomic_torch_save([o.cpu() for o in ctx.outputs], self._outputs_file(ctx.index))
         self.manifest["blocks_done"] = ctx.index + 1
         self.manifest[f"rows_{ctx.index}"] = rows
+        self.manifest["method_undeclared"] = undeclared_state(method)
         self._write_manifest()
         if ctx.index > 0:
             self._outputs_file(ctx.index - 1).unlink(missing_ok=True)
+            self._method_file(ctx.index - 1).unlink(missing_ok=True)
 
     def restore_blocks(self, run: Run) -> int:
         """Load every finished block into ``run.model``; return how many (the index to continue at)."""
@@ -160,23 +174,31 @@ class Checkpoint:
 
         done = self.blocks_done
         blocks = run.adapter.blocks()
-        location = None if torch.cuda.is_available() else "cpu"  # a method's state may live on the GPU
+        if done > len(blocks):
+            raise LlmcError(f"--resume: the checkpoint in {self.folder} has {done} blocks, the model {len(blocks)}. Start over without --resume and with save.overwrite: true.")
         state: dict[str, Any] = {}
         for i in range(done):
-            state = torch.load(self._block_file(i), map_location="cpu", weights_only=True)
-            blocks[i].load_state_dict(state["state_dict"])
-            prefix = run.adapter.block_prefix(i)
-            for name, q in state["quantized"].items():
-                run.quantized[f"{prefix}.{name}"] = QuantizedWeight(q["codes"], q["scales"], q["zeros"], QuantSpec(**q["spec"]))
-            run.layer_errors.restore_block({f"{prefix}.{k}": v for k, v in state["layer_inputs"].items()}, self.manifest.get(f"rows_{i}", []))
-            self._restore_method(run.method, torch.load(self._method_file(i), map_location=location, weights_only=False))
-        if done:  # random states as they were right after the last finished block
-            torch.set_rng_state(state["rng_torch"])
-            if state["rng_cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["rng_cuda"])
-            random.setstate(_tuplify(state["rng_python"]))
-            name, keys, *rest = state["rng_numpy"]
-            np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+            path = self._block_file(i)
+            with _reading(path):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                blocks[i].load_state_dict(state["state_dict"])
+                prefix = run.adapter.block_prefix(i)
+                for name, q in state["quantized"].items():
+                    run.quantized[f"{prefix}.{name}"] = QuantizedWeight(q["codes"], q["scales"], q["zeros"], QuantSpec(**q["spec"]))
+                run.layer_errors.restore_block({f"{prefix}.{k}": v for k, v in state["layer_inputs"].items()}, self.manifest.get(f"rows_{i}", []))
+        if done:
+            path = self._method_file(done - 1)
+            with _reading(path):
+                kept = read_state(path)
+                run.method.log[:] = kept["log"]
+                run.method.load_state_dict(kept["state"])
+            with _reading(self._block_file(done - 1)):  # random states as they were right after the last finished block
+                torch.set_rng_state(state["rng_torch"])
+                if state["rng_cuda"] and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(state["rng_cuda"])
+                random.setstate(_tuplify(state["rng_python"]))
+                name, keys, *rest = state["rng_numpy"]
+                np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         self.restored_blocks = done
         return done
 
@@ -184,7 +206,12 @@ class Checkpoint:
         """The outputs of the last finished block: the inputs of the block to continue with."""
         import torch
 
-        return [o.to(device) for o in torch.load(self._outputs_file(self.blocks_done - 1), map_location="cpu", weights_only=True)]
+        path = self._outputs_file(self.blocks_done - 1)
+        with _reading(path):
+            outputs = torch.load(path, map_location="cpu", weights_only=True)
+            if not (isinstance(outputs, list) and all(isinstance(o, torch.Tensor) for o in outputs)):
+                raise TypeError("not a list of tensors")
+        return [o.to(device) for o in outputs]
 
     def finish(self) -> None:
         """The run is complete: the checkpoint is no longer needed."""
@@ -193,50 +220,13 @@ class Checkpoint:
     def describe(self) -> str:
         return f"checkpoint: {self.blocks_done} block(s) kept in {self.folder}"
 
-    # -- the method's cross-block state --------------------------------------------------------
-
-    def _method_delta(self, method: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, value in vars(method).items():
-            if name in ("options", "weight"):
-                continue
-            if isinstance(value, dict):
-                entry = ("dict", {k: v for k, v in value.items() if k not in self._kept.get(name, set())})
-            elif isinstance(value, list):
-                entry = ("list", value[self._kept.get(name, 0) :])
-            else:
-                entry = ("value", value)
-            if not _picklable(entry):
-                continue
-            out[name] = entry
-            if isinstance(value, dict):
-                self._kept.setdefault(name, set()).update(value)
-            elif isinstance(value, list):
-                self._kept[name] = len(value)
-        return out
-
-    def _restore_method(self, method: Any, delta: dict[str, Any]) -> None:
-        for name, (kind, value) in delta.items():
-            current = getattr(method, name, None)
-            if kind == "dict":
-                current = current if isinstance(current, dict) else {}
-                current.update(value)
-                self._kept.setdefault(name, set()).update(value)
-            elif kind == "list":
-                current = current if isinstance(current, list) else []
-                current.extend(value)
-                self._kept[name] = len(current)
-            else:
-                current = value
-            setattr(method, name, current)
-
     # -- files ---------------------------------------------------------------------------------
 
     def _block_file(self, index: int) -> Path:
         return self.folder / f"block_{index:05d}.pt"
 
     def _method_file(self, index: int) -> Path:
-        return self.folder / f"method_{index:05d}.pt"
+        return self.folder / f"method_{index:05d}.safetensors"
 
     def _outputs_file(self, index: int) -> Path:
         return self.folder / f"outputs_{index:05d}.pt"
@@ -247,22 +237,61 @@ class Checkpoint:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, overwrite=True) as tmp, open(tmp, "wb") as fh:
+        write(fh)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
     _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def undeclared_state(method: Any) -> list[str]:
+    """Attributes ``method`` keeps that its (inherited, empty) ``state_dict`` does not declare."""
+    from llmc_core.api import Method
+
+    if type(method).state_dict is not Method.state_dict:
+        return []  # the author declared the state: trust the declaration
+    return sorted(k for k in vars(method) if k not in BASE_ATTRIBUTES)
+
+
+def _damaged(path: Path, why: str) -> LlmcError:
+    return LlmcError(
+        f"--resume: the checkpoint file {path} is damaged or was not written by llmc ({why}); nothing was read from it. "
+        "Start over without --resume and with save.overwrite: true."
+    )
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Any failure while reading ``path`` and using what it holds means the file is not the one
+    llmc wrote (torch.load with weights_only refuses pickled code; truncation, wrong shapes)."""
+    try:
+        yield
+    except LlmcError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise _damaged(path, f"{type(exc).__name__}: {first}" if first else type(exc).__name__) from exc
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    with _reading(path):
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise TypeError("not a JSON object")
+        kinds = {"blocks_done": int, "records": list, "saved": list, "positions": list, "method_undeclared": list}
+        for key, kind in kinds.items():
+            if key not in manifest and key in ("blocks_done", "records", "saved"):
+                raise KeyError(key)
+            if key in manifest and not isinstance(manifest[key], kind):
+                raise TypeError(f"'{key}' is not a {kind.__name__}")
+        if manifest["blocks_done"] < 0:
+            raise ValueError("negative blocks_done")
+        for r in manifest.get("records", []):
+            EvalRecord(**r)
+    return manifest
 
 
 def _listify(x: Any) -> Any:
@@ -275,13 +304,3 @@ def _tuplify(x: Any) -> Any:
 
 def _plain(x: Any) -> Any:
     return x.item() if hasattr(x, "item") else x
-
-
-def _picklable(value: Any) -> bool:
-    import pickle
-
-    try:
-        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        return True
-    except Exception:  # a lock, a file handle, a lambda: not state a resume can carry
-        return False

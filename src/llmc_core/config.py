@@ -8,14 +8,15 @@ rules that span sections, all before any model loads. Every problem becomes one 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_model
 
-from llmc_core.api import StrictModel
+from llmc_core.schema import StrictModel
 from llmc_core.errors import ConfigSyntaxError, LlmcError, did_you_mean
 from llmc_core.paths import expand_vars, looks_like_hub_id, resolve_package_path
 from llmc_core.plugins import PluginManager, get_manager
@@ -25,6 +26,17 @@ SECTIONS = ("base", "model", "calib", "eval", "quant", "save", "opencompass")
 POSITIONS = ("pretrain", "transformed", "fake_quant", "real_quant")
 QUANTIZED_POSITIONS = ("transformed", "fake_quant", "real_quant")
 PATH_KEYS = ("path", "tokenizer_path", "save_path", "cfg_path", "output_path", "scale_path", "clip_path", "python")
+
+
+# ``download``: false = the local path only; true = fetch from the hub; auto = the local path when it
+# exists, the hub otherwise (docs/data.md).
+def _download(value: Any) -> Any:
+    if value is True or value is False or value == "auto":
+        return value
+    raise ValueError("should be false, true or auto")
+
+
+Download = Annotated[bool | Literal["auto"], BeforeValidator(_download)]
 
 
 class BaseSection(StrictModel):
@@ -38,7 +50,7 @@ class CalibSection(StrictModel):
     """``calib``: where calibration samples come from and how they are cut."""
 
     name: str
-    download: bool = False
+    download: Download = False
     path: str | None = None
     n_samples: int = Field(default=128, gt=0)
     bs: int = Field(default=-1, ge=-1)
@@ -53,7 +65,7 @@ class EvalSection(StrictModel):
     eval_pos: list[Literal["pretrain", "transformed", "fake_quant", "real_quant"]] = Field(default_factory=lambda: ["pretrain", "fake_quant"])
     type: str = "ppl"
     name: str
-    download: bool = False
+    download: Download = False
     path: str | None = None
 
 
@@ -293,8 +305,7 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
     if "real_quant" in cfg.positions() and cfg.weight is not None:  # real_quant runs AWQ-packed int4 layers
         from llmc_core.quant.awq_format import awq_problems
 
-        layout = cfg.method.layout_problems(cfg.special) if cfg.method is not None else []
-        problems.lines.extend(f"eval.eval_pos: real_quant: {p}. Measure fake_quant instead." for p in awq_problems(cfg.weight.bit, cfg.weight.granularity, cfg.weight.group_size) + layout)
+        problems.lines.extend(f"eval.eval_pos: real_quant: {p}. Measure fake_quant instead." for p in awq_problems(cfg.weight.bit, cfg.weight.granularity, cfg.weight.group_size))
     if cfg.method is not None and cfg.method.needs_calibration and cfg.calib is None:
         problems.add(f"calib: quant.method '{cfg.quant.method}' needs calibration data; add a calib section (e.g. name: pileval, path: ...).")
     if cfg.quant is not None and cfg.quant.quant_out and "transformed" in cfg.positions():
@@ -307,6 +318,11 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
                 saver().check(cfg)
             except LlmcError as exc:
                 problems.lines.extend(exc.problems)
+    if cfg.method is not None:  # e.g. AWQ's scales.pth must not exist (unless save.overwrite)
+        try:
+            cfg.method.check(cfg)
+        except LlmcError as exc:
+            problems.lines.extend(exc.problems)
     if cfg.save is not None:
         _check_output_folder(cfg, problems)
     _check_paths(cfg, problems)
@@ -337,10 +353,14 @@ def _check_paths(cfg: RunConfig, problems: _Problems) -> None:
     sections += [(f"eval.{i}" if len(cfg.evals) > 1 else "eval", e) for i, (ev, e) in enumerate(cfg.evals) if getattr(ev, "uses_dataset", True)]
     for where, sec in sections:
         path, download = getattr(sec, "path", None), getattr(sec, "download", False)
-        if path and not Path(path).exists() and not download:
-            problems.add(f"{where}.path: {path} does not exist. Point it at the data (see ../shared/data/README.md), or set {where}.download: true.")
-        elif not path and not download:
-            problems.add(f"{where}.path: required when {where}.download is false. Give the data file or folder, or set download: true.")
+        local = bool(path) and Path(path).exists()
+        if download is False and not path:
+            problems.add(f"{where}.path: required when {where}.download is false. Give the data file or folder, or set download: auto.")
+        elif download is False and not local:
+            problems.add(f"{where}.path: {path} does not exist. Point it at the data (docs/data.md says where to get it), or set {where}.download: auto to fetch it from the hub when it is missing.")
+        elif (download is True or not local) and download and importlib.util.find_spec("datasets") is None:
+            why = "download: true" if download is True else f"{path} does not exist, so download: auto"
+            problems.add(f"{where}.download: {why} fetches the data from the hub, which needs the 'datasets' package: pip install datasets (or point {where}.path at local data, docs/data.md).")
 
 
 def load(path: str | Path, overrides: list[str] | None = None, manager: PluginManager | None = None, resume: bool = False) -> RunConfig:

@@ -1,56 +1,175 @@
-"""Atomic folder writes: build in a temporary sibling, fsync, then rename into place."""
+"""Atomic writes, the one way llmc puts a file or a folder in place.
+
+Both helpers build the new content under a temporary sibling name, fsync it, move it into place
+with one rename and fsync the parent directory, so after a crash or a power loss the target is
+either the old content or the new one, never a mix, and never missing:
+
+- :func:`atomic_file` for a single file (``results.json``, a checkpoint file, ``scales.pth``);
+- :func:`atomic_folder` for a folder (a saved model). Replacing an existing folder swaps the two
+  with ``renameat2(RENAME_EXCHANGE)`` on Linux; where that call is missing (other systems, some
+  network file systems) the old folder is first renamed to ``.<name>.old-<pid>``, and an orphan of
+  that kind left by a killed process is renamed back the next time llmc writes that target.
+
+An existing target is an error unless ``overwrite`` is true.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import glob
+import logging
 import os
+import secrets
 import shutil
-import tempfile
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from llmc_core.errors import LlmcError
 
+log = logging.getLogger("llmc")
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(Path(dirpath) / name, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
 
 
 @contextlib.contextmanager
-def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; write the file there. On success it replaces
+    ``path`` atomically; on any exception it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise LlmcError(f"{path} already exists; llmc never overwrites a file silently. Remove it, choose another path, or set save.overwrite: true.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``target`` atomically.
 
     An existing ``target`` is an error unless ``overwrite``; on any exception the temporary folder
     is removed and ``target`` is left as it was.
     """
     target = Path(target)
+    recover_orphans(target)
     if target.exists() and not overwrite:
         raise LlmcError(f"{target} already exists; llmc never overwrites a folder silently. Remove it, choose another save.save_path, or set save.overwrite: true.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the saved model is an ordinary folder
-    trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(3)}")
+    tmp.mkdir()  # an ordinary folder (umask applies): the saved model is not private
     try:
         yield tmp
         _fsync_tree(tmp)
-        if target.exists():
-            target.rename(trash)
-            tmp.rename(target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        _move_into_place(tmp, target)
     except BaseException:
-        if trash.exists() and not target.exists():  # interrupted between the two renames: put it back
-            trash.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_orphans(target: Path) -> None:
+    """Undo what a process killed between the two renames of the fallback left: ``target``
+    missing and the old content at ``.<name>.old-<pid>`` is renamed back; an old copy beside a
+    complete new ``target`` is removed. Orphans of a live process are left alone (it is busy)."""
+    orphans = []
+    for p in target.parent.glob(f".{glob.escape(target.name)}.old-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            orphans.append(p)
+    orphans.sort(key=lambda p: p.stat().st_mtime)
+    if orphans and not target.exists():
+        back = orphans.pop()
+        back.rename(target)
+        fsync_dir(target.parent)
+        log.warning("restored %s from %s, left by a run that was killed while replacing it", target, back.name)
+    for p in orphans:
+        log.info("removing %s, the old copy of %s left by a killed run (the new one is complete)", p, target.name)
+        _remove(p)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (the directory entry itself is data)."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        tmp.rename(target)
+    elif _exchange(tmp, target):  # one atomic step: tmp now holds the old content
+        fsync_dir(target.parent)
+        _remove(tmp)
+    else:
+        trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(trash)
+        try:
+            tmp.rename(target)
+        except BaseException:  # interrupted between the two renames: put the old one back
+            if not target.exists():
+                trash.rename(target)
+            raise
+        fsync_dir(target.parent)
+        _remove(trash)
+    fsync_dir(target.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` atomically with Linux's ``renameat2``; False where it is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # no libc, or a glibc older than 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own orphan can only be from an earlier, failed attempt
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _fsync_path(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(dirpath) / name)
+        fsync_dir(Path(dirpath))

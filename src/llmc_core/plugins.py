@@ -3,7 +3,8 @@
 Discovery is lazy: nothing is loaded until :func:`get_manager` is first called. Built-in plugins
 come through the ``llmc`` entry-point group like any other package; when llmc runs from a source
 tree that was never installed, :data:`llmc_plugins.DEFAULT_PLUGINS` is the fallback.
-``LLMC_DISABLE_PLUGIN_AUTOLOAD=1`` loads only llmc's own plugins. Every registration is checked at
+``LLMC_DISABLE_PLUGIN_AUTOLOAD=1`` loads only llmc's own plugins; ``LLMC_LOAD_PLUGINS=dist1,dist2``
+loads only those third-party distributions beside them. Every registration is checked at
 once: a misspelled hook, a hook function without ``@hookimpl`` or a plugin that fails to import is
 an :class:`~llmc_core.errors.LlmcError` naming the plugin and its distribution, never a silent skip.
 """
@@ -174,13 +175,28 @@ def _autoload_disabled() -> bool:
     return os.environ.get("LLMC_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _allowlist() -> set[str] | None:
+    """``LLMC_LOAD_PLUGINS=dist1,dist2``: the only third-party distributions to load (set but
+    empty: none); None when unset. Names compare as pip does (case, ``-`` and ``_`` alike)."""
+    value = os.environ.get("LLMC_LOAD_PLUGINS")
+    if value is None:
+        return None
+    return {_canonical(name) for name in value.split(",") if name.strip()}
+
+
+def _canonical(dist: str) -> str:
+    return dist.strip().lower().replace("_", "-").replace(".", "-")
+
+
 def _load_entry_points(manager: PluginManager) -> bool:
     """Load the ``llmc`` entry points; return whether llmc's own distribution provided any."""
     own_found = False
+    allow, offered = _allowlist(), set()
     for ep in importlib.metadata.entry_points(group=GROUP):
         dist = ep.dist.name if ep.dist is not None else "unknown"
         is_own = dist.lower() == OWN_DISTRIBUTION
-        if not is_own and _autoload_disabled():
+        offered.add(_canonical(dist))
+        if not is_own and (_autoload_disabled() or (allow is not None and _canonical(dist) not in allow)):
             continue
         try:
             module = ep.load()
@@ -191,6 +207,10 @@ def _load_entry_points(manager: PluginManager) -> bool:
             ) from exc
         manager.register_module(module, name=f"{dist}:{ep.name}", distribution=dist)
         own_found = own_found or is_own
+    absent = sorted((allow or set()) - offered)
+    if absent and not _autoload_disabled():  # a typo in the allowlist must not pass as "loaded nothing"
+        others = sorted(offered - {OWN_DISTRIBUTION}) or ["none"]
+        raise LlmcError(f"LLMC_LOAD_PLUGINS names {', '.join(absent)}, which no installed distribution provides as an llmc plugin (installed: {', '.join(others)}). Fix the name or pip install it.")
     return own_found
 
 

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmc_core.fsutil import atomic_file
+
 if TYPE_CHECKING:
     from llmc_core.results import EvalRecord
     from llmc_core.run import Run
@@ -36,9 +38,8 @@ def write_report(run: Run, folder: str | Path) -> Path:
         plot_note = "The plot was skipped: matplotlib is not installed (`pip install 'llmc[report]'`)."
     text = render_markdown(run, rows, plot_note)
     path = folder / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -85,8 +86,10 @@ def environment(run: Run | None = None) -> dict[str, str]:
         env["device"] += f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
     else:
         env["cpu"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
-    if "torch" in sys.modules:
-        env["torch threads"] = str(sys.modules["torch"].get_num_threads())
+    if "torch" in sys.modules:  # the build's own version names it: 2.13.0+cpu, 2.14.1+cu130
+        torch = sys.modules["torch"]
+        env["torch"] = torch.__version__
+        env["torch threads"] = str(torch.get_num_threads())
     return env
 
 
@@ -204,6 +207,5 @@ def _write_plot(path: Path, rows: list[dict[str, Any]], stages: list[dict[str, A
     ax_time.set_xlabel("seconds")
     ax_time.set_title("Time per stage")
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.replace(path)
+    with atomic_file(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")

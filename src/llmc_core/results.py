@@ -33,8 +33,9 @@ def render_table(records: list[EvalRecord]) -> str:
 
 
 def write_json(path: Path, records: list[EvalRecord], extra: dict | None = None) -> None:
-    """Write ``results.json`` atomically (temporary file, then rename)."""
+    """Write ``results.json`` atomically (:func:`llmc_core.fsutil.atomic_file`)."""
+    from llmc_core.fsutil import atomic_file
+
     payload = {"results": [r.to_dict() for r in records], **(extra or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

@@ -47,6 +47,7 @@ class Run:
         self.tokenizer: Any = None
         self.adapter: Any = None
         self.method: Any = None
+        self.calib_rows: list[str] | None = None  # read before the model loads
         self.calib_batches: list[Any] = []
         self.results: list[EvalRecord] = []
         self.quantized: dict[str, Any] = {}  # full layer name -> QuantizedWeight
@@ -106,6 +107,8 @@ class Run:
     def _execute(self) -> None:
         cfg = self.config
         self._seed(cfg.base.seed)
+        if cfg.method is not None and cfg.method.needs_calibration:  # an empty or unreadable file fails before the model loads
+            self.calib_rows = self.read_calibration_rows()
         with self.stage("load model"):
             self.load_model()
         if cfg.method is not None:  # fail on a spec the model cannot take before any work
@@ -123,6 +126,7 @@ class Run:
             if not cfg.quant.quant_out:
                 with self.stage("quantize"):
                     self.quantize()
+            self.method.finish(overwrite=bool(cfg.save is not None and cfg.save.overwrite) or self.resume)
             self.evaluate("fake_quant")
             if "real_quant" in cfg.positions():  # the packed int4 layers in place, then the float ones back
                 from llmc_core.quant.qlinear import quant_linears
@@ -156,13 +160,17 @@ class Run:
         import torch
 
         c = self.config.calib
-        rows = self.manager.get("dataset", c.name, "calib.name")().read_rows(c.path, c.download, "calib", "calib.path")
+        rows = self.calib_rows if self.calib_rows is not None else self.read_calibration_rows()
         samples = self.manager.get("preproc", c.preproc, "calib.preproc")().samples(rows, self.tokenizer, c.n_samples, c.seq_len, c.seed)
         if not samples:
             raise LlmcError(f"calib: the dataset at {c.path} gave no samples of {c.seq_len} tokens. Use more text or a smaller calib.seq_len.")
         bs = len(samples) if c.bs == -1 else c.bs
         self.calib_batches = [torch.cat(samples[i : i + bs], dim=0) for i in range(0, len(samples), bs)]
         log.info("calibration: %d samples x %d tokens in %d batch(es)", len(samples), c.seq_len, len(self.calib_batches))
+
+    def read_calibration_rows(self) -> list[str]:
+        c = self.config.calib
+        return self.manager.get("dataset", c.name, "calib.name")().read_rows(c.path, c.download, "calib", "calib.path")
 
     def transform(self) -> None:
         from llmc_core.blockwise import capture_block_inputs, run_blocks, sub_batches

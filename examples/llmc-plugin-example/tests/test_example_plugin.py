@@ -16,7 +16,7 @@ import torch
 
 import llmc_plugin_example
 from llmc_core import LlmcError
-from llmc_core.quant import QuantSpec, fake_quantize
+from llmc_core.quant import QuantSpec, fake_quantize, qparams, quantize_grouped
 from llmc_core.testing import read_results, registered, run_config, write_config
 from llmc_plugin_example import AbsmaxMse, AbsmaxMseConfig, Lines
 
@@ -52,7 +52,15 @@ def test_search_never_does_worse_than_plain_rtn():
     qw, ratio = method.quantize_weight(w)
     err_search = (qw.dequantize() - w).pow(2).reshape(-1, 32).sum(-1)
     err_rtn = (fake_quantize(w, SPEC) - w).pow(2).reshape(-1, 32).sum(-1)
-    assert torch.all(err_search <= err_rtn + 1e-6)  # ratio 1.0 (plain RTN) is always a candidate
+    # Brute force over the 16 ratios with llmc's quantizer (scale absmax * ratio / qmax): each
+    # group's error is the smallest one, so the search kept the best ratio and quantized with it.
+    groups = w.reshape(-1, 32)
+    amax = groups.abs().amax(-1, keepdim=True)
+    tried = []
+    for r in torch.linspace(1.0, 0.5, 16).tolist():
+        scale, zero = qparams(groups, SPEC, max_val=amax * r)
+        tried.append(((quantize_grouped(groups, scale, zero, SPEC) - zero) * scale - groups).pow(2).sum(-1))
+    torch.testing.assert_close(err_search, torch.stack(tried).amin(0), rtol=1e-5, atol=1e-7)
     assert err_search.sum() < err_rtn.sum()  # and on Gaussian weights clipping pays off
     assert 0.5 <= ratio <= 1.0
     # The integer form is on the 3-bit symmetric grid and reproduces the fake-quantized weight.

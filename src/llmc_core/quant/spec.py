@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from llmc_core.api import StrictModel
+from llmc_core.schema import StrictModel
 
 
 class QuantSpec(StrictModel):

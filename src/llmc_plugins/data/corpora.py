@@ -11,7 +11,7 @@ from llmc_plugins.data.readers import hub_rows, is_saved_dataset, jsonl_texts, s
 
 def _need_path(path: str | None, name: str) -> Path:
     if not path:
-        raise LlmcError(f"{name}: no path given and download is false. Set path to the data, or download: true.")
+        raise LlmcError(f"{name}: no path given and nothing to fetch. Set path to the data (docs/data.md), or download: auto.")
     p = Path(path)
     if not p.exists():
         raise LlmcError(f"{name}: {p} does not exist.")
@@ -22,7 +22,7 @@ class WikiText2(Dataset):
     """WikiText-2 raw: a ``wiki.*.raw`` file, a folder holding them, a ``save_to_disk`` folder, or the hub.
 
     Evaluation reads the test split, calibration the train split (validation when only test and
-    validation are present, as in ``../shared/data/wikitext2``).
+    validation are present, as in the copy docs/data.md describes).
     """
 
     name = "wikitext2"
@@ -97,6 +97,8 @@ class Custom(Dataset):
     name = "custom"
 
     def load_rows(self, path, download, purpose):
+        if download:
+            raise LlmcError("custom: your own data has no hub copy to fetch. Set download: false and path to your file.")
         p = _need_path(path, "custom")
         if p.suffix == ".txt":
             return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]

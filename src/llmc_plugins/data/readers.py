@@ -58,9 +58,14 @@ def saved_dataset_rows(path: Path, split: str, field: str = "text") -> list[str]
 
 
 def hub_rows(args: tuple, kwargs: dict, field: str = "text") -> list[str]:
-    """``download: true``: rows from ``datasets.load_dataset`` (needs a network)."""
+    """Rows from ``datasets.load_dataset`` (``download: true``, or ``auto`` without a local copy;
+    needs a network or a warm ``datasets`` cache)."""
     try:
         from datasets import load_dataset
     except ImportError as exc:
-        raise LlmcError("download: true needs the 'datasets' package: pip install datasets") from exc
-    return list(load_dataset(*args, **kwargs)[field])
+        raise LlmcError("fetching a dataset from the hub needs the 'datasets' package: pip install datasets (or use local data: docs/data.md)") from exc
+    try:
+        return list(load_dataset(*args, **kwargs)[field])
+    except Exception as exc:  # datasets raises many types for "no network" / "no such dataset"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LlmcError(f"could not fetch {args[0]} from the hub ({first}). Without a network, point path at a local copy: docs/data.md says where to get one.") from exc

@@ -29,8 +29,6 @@ class SaveAwq(Saver):
         if spec is None:
             return
         problems = awq_problems(spec.bit, spec.granularity, spec.group_size)
-        if run_config.method is not None:
-            problems += run_config.method.layout_problems(run_config.special)
         if problems:
             raise LlmcError(*(f"save.save_awq: {p}. Save the fake-quantized model with save.save_fake instead, or change quant.weight." for p in problems))
 

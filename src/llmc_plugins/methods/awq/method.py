@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -141,7 +140,11 @@ class Awq(Method):
     - ``clip_check`` (true): keep a block's clipping only if the block's quantized output error does
       not grow, measured on the first calibration samples up to 16384 tokens (two block forwards).
     - ``save_scale`` / ``scale_path``: write ``{layer: s}`` to ``scale_path/scales.pth``.
-    - ``save_clip`` / ``clip_path``: write ``{layer: {lo, hi}}`` to ``clip_path/clips.pth``.
+    - ``save_clip`` / ``clip_path``: write ``{layer: {lo, hi}}`` to ``clip_path/clips.pth``, as
+      entries ``<layer>.lo`` and ``<layer>.hi``. Both files keep ModelTC's names but hold
+      safetensors, not pickles: read them with ``safetensors.torch.load_file``. They are written
+      once, after the last block; an existing file is refused at validation unless
+      ``save.overwrite: true``.
     - ``save_mem`` (true): accepted for ModelTC configs; llmc always frees the search buffers.
 
     Rejected with a reason: ``do_gqa_trans``, ``true_sequential``, ``search_clip_init``,
@@ -155,14 +158,12 @@ class Awq(Method):
         super().__init__(options, weight)
         self.scales: dict[str, Any] = {}
         self.clips: dict[str, Any] = {}
-        self._n_blocks = 0
 
     # -- runner hooks ----------------------------------------------------------------------------
 
     def check_model(self, adapter: Any) -> None:
         super().check_model(adapter)
         blocks = adapter.blocks()
-        self._n_blocks = len(blocks)
         try:
             adapter.linear_groups(blocks[0])
         except NotImplementedError as exc:
@@ -191,8 +192,6 @@ class Awq(Method):
         if not changed:
             # Folding is exact: the float block's outputs are the ones captured before it.
             ctx.outputs = cap.outputs
-        if ctx.index == self._n_blocks - 1:
-            self._save_files()
 
     def quantize_block(self, ctx: Any) -> dict[str, Any]:
         import torch
@@ -203,6 +202,56 @@ class Awq(Method):
                 if rng is not None:  # deferred clipping: clamp now, just before rounding
                     linear.weight.data.copy_(rng.to(linear.weight.device).apply(linear.weight.data))
         return super().quantize_block(ctx)
+
+    # -- lifecycle: validation, resume, end of run -------------------------------------------------
+
+    @classmethod
+    def check(cls, run_config: Any) -> None:
+        opts = run_config.special
+        overwrite = bool(run_config.save is not None and run_config.save.overwrite) or run_config.resume
+        problems = []
+        for key, path in cls._files(opts):
+            if path.parent.exists() and not path.parent.is_dir():
+                problems.append(f"quant.special.{key}: {path.parent} is a file. Give a folder for {path.name}.")
+            elif path.exists() and not overwrite:
+                problems.append(f"quant.special.{key}: {path} already exists. Choose another {key}, remove the file, or set save.overwrite: true.")
+        if problems:
+            raise LlmcError(*problems)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scales (``save_scale``) and clipping ranges (clip v2 or ``save_clip``) found so far."""
+        return {"scales": dict(self.scales), "clips": {n: {"lo": r.lo, "hi": r.hi, "shrink": r.shrink} for n, r in self.clips.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from llmc_plugins.methods.awq.clip import ClipRange
+
+        self.scales = dict(state["scales"])
+        self.clips = {n: ClipRange(r["lo"], r["hi"], r["shrink"]) for n, r in state["clips"].items()}
+
+    def finish(self, overwrite: bool) -> None:
+        """Write ``scales.pth`` / ``clips.pth`` (safetensors) once every block is done."""
+        from safetensors.torch import save_file
+
+        from llmc_core.fsutil import atomic_file
+
+        for key, path in self._files(self.options):
+            if key == "scale_path":
+                tensors = {n: s.detach().cpu().clone() for n, s in self.scales.items()}  # clones: q/k/v share one s
+            else:
+                tensors = {f"{n}.{part}": getattr(r, part).cpu().contiguous() for n, r in self.clips.items() for part in ("lo", "hi")}
+            with atomic_file(path, overwrite=overwrite) as tmp:
+                save_file(tensors, str(tmp))
+            log.info("wrote %s", path)
+
+    @staticmethod
+    def _files(opts: AwqConfig) -> list[tuple[str, Path]]:
+        """``(config key, file)`` of each file the options ask to write."""
+        out = []
+        if opts.save_scale:
+            out.append(("scale_path", Path(opts.scale_path) / "scales.pth"))
+        if opts.save_clip:
+            out.append(("clip_path", Path(opts.clip_path) / "clips.pth"))
+        return out
 
     # -- scale search ----------------------------------------------------------------------------
 
@@ -304,25 +353,6 @@ class Awq(Method):
                         self.clips[full] = rng.to("cpu") if opts.clip_version == "v1" else rng
         log.info("block %d clip: %d layers in %.1f s", ctx.index, len(linears), time.perf_counter() - start)
         return kept
-
-    # -- files -----------------------------------------------------------------------------------
-
-    def _save_files(self) -> None:
-        if self.options.save_scale:
-            _atomic_torch_save(self.scales, Path(self.options.scale_path) / "scales.pth")
-        if self.options.save_clip:
-            data = {n: {"lo": r.lo.cpu(), "hi": r.hi.cpu()} for n, r in self.clips.items()}
-            _atomic_torch_save(data, Path(self.options.clip_path) / "clips.pth")
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    log.info("wrote %s", path)
 
 
 # The clip check's block forwards use at most this many tokens of the calibration set (the first

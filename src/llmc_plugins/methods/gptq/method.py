@@ -137,10 +137,25 @@ class Gptq(Method):
         self.solved: dict[str, Any] = {}
 
     @classmethod
-    def layout_problems(cls, options: Any) -> list[str]:
-        if options is not None and options.actorder and not options.static_groups:
-            return ["quant.special.actorder: true forms quantization groups in a permuted column order (g_idx), which packed int4 layouts cannot hold; set static_groups: true or actorder: false"]
-        return []
+    def check(cls, run_config: Any) -> None:
+        """Act-order without static groups stores a ``g_idx``: refuse the packed int4 layouts."""
+        opts = run_config.special
+        if opts is not None and opts.awq is not None:  # the AWQ step's files (save_scale, save_clip)
+            from types import SimpleNamespace
+
+            from llmc_plugins.methods.awq import Awq
+
+            Awq.check(SimpleNamespace(special=opts.awq, save=run_config.save, resume=run_config.resume))
+        if opts is None or not opts.actorder or opts.static_groups:
+            return
+        why = "quant.special.actorder: true forms quantization groups in a permuted column order (g_idx), which the AWQ GEMM layout cannot hold; set quant.special.static_groups: true, or actorder: false"
+        problems = []
+        if run_config.save is not None and getattr(run_config.save, "save_awq", False):
+            problems.append(f"save.save_awq: {why}, or save with save_fake.")
+        if "real_quant" in run_config.positions():
+            problems.append(f"eval.eval_pos: real_quant: {why}, or measure fake_quant.")
+        if problems:
+            raise LlmcError(*problems)
 
     # -- runner hooks ----------------------------------------------------------------------------
 
@@ -195,6 +210,34 @@ class Gptq(Method):
                 linear.weight.data.copy_(qw.dequantize(linear.weight.dtype).to(linear.weight.device))
                 out[full] = qw
         return out
+
+    def finish(self, overwrite: bool) -> None:
+        if self.awq is not None:
+            self.awq.finish(overwrite)
+
+    # -- resume ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The solved layers not yet written (``quant_out: false``: every finished block's; one
+        byte per weight, rewritten with each block checkpoint) and the AWQ step's state."""
+        solved = {}
+        for name, q in self.solved.items():
+            entry = {"codes": q.codes, "scales": q.scales, "zeros": q.zeros, "spec": q.spec.model_dump()}
+            if q.g_idx is not None:
+                entry["g_idx"] = q.g_idx
+            solved[name] = entry
+        state: dict[str, Any] = {"solved": solved}
+        if self.awq is not None:
+            state["awq"] = {"state": self.awq.state_dict(), "log": self.awq.log}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from llmc_core.quant import QuantizedWeight, QuantSpec
+
+        self.solved = {n: QuantizedWeight(q["codes"], q["scales"], q["zeros"], QuantSpec(**q["spec"]), q.get("g_idx")) for n, q in state.get("solved", {}).items()}
+        if self.awq is not None and "awq" in state:
+            self.awq.load_state_dict(state["awq"]["state"])
+            self.awq.log = list(state["awq"]["log"])
 
     # -- what is solved when ---------------------------------------------------------------------
 
