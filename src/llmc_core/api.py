@@ -176,6 +176,13 @@ class Evaluator(Plugin):
         """Evaluate ``run.model`` and return one record per metric."""
         raise NotImplementedError
 
+    @staticmethod
+    def positions(options: Any) -> list[str]:
+        """For a top-level step section (``opencompass``, ``lm_eval``): the positions at which
+        ``Run.evaluate`` runs it, right after the ``eval`` sections there. Empty (the default): it
+        runs once after the savers, with position ``"downstream"``."""
+        return []
+
 
 class Saver(Plugin):
     """Writes the model at one position into ``save.save_path/<folder>`` (``save.save_<name>``).

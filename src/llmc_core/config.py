@@ -22,7 +22,7 @@ from llmc_core.paths import expand_vars, looks_like_hub_id, resolve_package_path
 from llmc_core.plugins import PluginManager, get_manager
 from llmc_core.quant.spec import QuantSpec
 
-SECTIONS = ("base", "model", "calib", "eval", "quant", "save", "opencompass")
+SECTIONS = ("base", "model", "calib", "eval", "quant", "save", "opencompass", "lm_eval")
 POSITIONS = ("pretrain", "transformed", "fake_quant", "real_quant")
 QUANTIZED_POSITIONS = ("transformed", "fake_quant", "real_quant")
 PATH_KEYS = ("path", "tokenizer_path", "save_path", "cfg_path", "output_path", "scale_path", "clip_path", "python")
@@ -98,8 +98,10 @@ class RunConfig:
     extras: dict[str, tuple[type, BaseModel]] = field(default_factory=dict)
     resume: bool = False  # ``llmc run --resume``: the save_path of an interrupted run is expected
 
-    def positions(self) -> set[str]:
-        return {p for _, e in self.evals for p in e.eval_pos}
+    def positions(self, steps: bool = False) -> set[str]:
+        """Where the ``eval`` sections measure (``steps``: also the steps run in place, e.g. lm_eval)."""
+        found = {p for _, e in self.evals for p in e.eval_pos}
+        return found | {p for step, o in self.extras.values() for p in step.positions(o)} if steps else found
 
     @property
     def save_path(self) -> Path | None:
@@ -277,12 +279,13 @@ def validate(data: dict[str, Any], source: str = "<config>", manager: PluginMana
     cfg = RunConfig(source, data, base, model_cfg, family, calib, evals, quant, method, weight, special, save, savers, resume=resume)
     if resume and save is None:
         problems.add("--resume needs a save section with save_path (where the checkpoint of the interrupted run is).")
-    if data.get("opencompass") is not None:
-        step = _lookup(manager, problems, "evaluator", "opencompass", "opencompass")
-        if step is not None:
-            oc = problems.validate(step.Config, data["opencompass"], "opencompass")
-            if oc is not None:
-                cfg.extras["opencompass"] = (step, oc)
+    for section in ("opencompass", "lm_eval"):  # step sections, each named after its evaluator
+        if data.get(section) is not None:
+            step = _lookup(manager, problems, "evaluator", section, section)
+            if step is not None:
+                options = problems.validate(step.Config, data[section], section)
+                if options is not None:
+                    cfg.extras[section] = (step, options)
     if not problems.lines:
         _cross_section_rules(cfg, problems)
     if problems.lines:

@@ -54,7 +54,7 @@ def render_markdown(run: Run, layer_rows: list[dict[str, Any]], plot_note: str |
     out += _ppl_table([r for r in run.results if r.metric == "perplexity"])
     others = [r for r in run.results if r.metric != "perplexity"]
     out += ["", "## Downstream metrics", ""]
-    out += _table(("position", "evaluator", "dataset", "metric", "value", "seconds"), [(r.position, r.evaluator, r.dataset, r.metric, f"{r.value:.4f}", f"{r.seconds:.1f}") for r in others]) if others else ["None in this run."]
+    out += _table(("position", "evaluator", "dataset", "metric", "value", "seconds"), [(r.position, r.evaluator, r.dataset, r.metric, r.shown_value(), f"{r.seconds:.1f}") for r in others]) if others else ["None in this run."]
     out += ["", "## Time and peak memory per stage", ""]
     out += _stage_table(run.stages)
     out += ["", "## Quantization error per layer", ""]

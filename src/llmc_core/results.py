@@ -17,15 +17,23 @@ class EvalRecord:
     metric: str
     value: float
     seconds: float
+    stderr: float | None = None  # standard error of ``value`` where the evaluator gives one (lm-eval)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["stderr"] is None:  # records without one keep the shape results.json always had
+            del out["stderr"]
+        return out
+
+    def shown_value(self) -> str:
+        """``value`` for tables: ``0.5400 ± 0.0500`` when there is a stderr."""
+        return f"{self.value:.4f}" if self.stderr is None else f"{self.value:.4f} ± {self.stderr:.4f}"
 
 
 def render_table(records: list[EvalRecord]) -> str:
     """A plain-text table, one row per record."""
     header = ("position", "evaluator", "dataset", "metric", "value", "seconds")
-    rows = [header] + [(r.position, r.evaluator, r.dataset, r.metric, f"{r.value:.4f}", f"{r.seconds:.1f}") for r in records]
+    rows = [header] + [(r.position, r.evaluator, r.dataset, r.metric, r.shown_value(), f"{r.seconds:.1f}") for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

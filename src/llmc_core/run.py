@@ -128,13 +128,15 @@ class Run:
                     self.quantize()
             self.method.finish(overwrite=bool(cfg.save is not None and cfg.save.overwrite) or self.resume)
             self.evaluate("fake_quant")
-            if "real_quant" in cfg.positions():  # the packed int4 layers in place, then the float ones back
+            if "real_quant" in cfg.positions(steps=True):  # the packed int4 layers in place, then the float ones back
                 from llmc_core.quant.qlinear import quant_linears
 
                 with quant_linears(self.model, self.quantized):
                     self.evaluate("real_quant")
         self.save("fake_quant")
         for step, options in cfg.extras.values():
+            if step.positions(options):  # measured in place by evaluate()
+                continue
             with self.stage(step.name):
                 self._record(step().evaluate(self, options, "downstream"))
         self.report()
@@ -237,6 +239,10 @@ class Run:
         finally:
             if listen:
                 self.layer_errors.stop()
+        for step, options in self.config.extras.values():  # steps that measure in place (lm_eval)
+            if position in step.positions(options):
+                with self.stage(f"eval {position} ({step.name})"):
+                    self._record(step().evaluate(self, options, position))
         if self.checkpoint is not None:
             self.checkpoint.add_records(position, self.results[first:])
 

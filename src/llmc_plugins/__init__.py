@@ -10,5 +10,6 @@ DEFAULT_PLUGINS = (
     "llmc_plugins.methods.gptq",
     "llmc_plugins.evaluators.ppl",
     "llmc_plugins.evaluators.opencompass",
+    "llmc_plugins.evaluators.lmeval",
     "llmc_plugins.savers",
 )
