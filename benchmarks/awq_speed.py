@@ -1,12 +1,16 @@
-"""AWQ vs RTN on SmolLM2-135M: time, peak memory and WikiText-2 perplexity in one table.
+"""AWQ and GPTQ vs RTN on SmolLM2-135M: time, peak memory and WikiText-2 perplexity in one table.
 
-Each variant is one ``llmc run`` of ``configs/quickstart/awq_w4g64_smollm2.yml`` in its own process
+Each variant is one ``llmc run`` of ``configs/quickstart/awq_w4g64_smollm2.yml`` (GPTQ variants:
+``gptq_w4g64_smollm2.yml``, C4 random windows, quant_out) in its own process
 (so peak RSS is that variant's), with overrides; the numbers are read back from its
 ``results.json``. RTN runs in the same invocation, so the time and memory ratios compare like with
 like on whatever load the machine has.
 
     LLMC_DATA=../shared/data python benchmarks/awq_speed.py            # all variants, 21 windows
     python benchmarks/awq_speed.py --windows 4 --only rtn-w4 awq-w4-16  # a quick look
+    python benchmarks/awq_speed.py --only rtn-w4 gptq-w4-128 gptq-w4-128-act  # GPTQ rows
+
+The table's first lines name the CPU (and GPU) and the dtype ``search_dtype: auto`` picks there.
 
 Columns: ``method`` time is the AWQ transform stage (calibration search, clipping included);
 ``run s`` is the whole process (model load and evaluations included); ``peak MB`` is the process's
@@ -29,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart" / "awq_w4g64_smollm2.yml"
+GPTQ_CONFIG = ROOT / "configs" / "quickstart" / "gptq_w4g64_smollm2.yml"
 
 # name: (method, bit, calibration samples, weight clipping)
 VARIANTS = {
@@ -38,7 +43,13 @@ VARIANTS = {
     "rtn-w3": ("RTN", 3, 0, False),
     "awq-w3-16": ("Awq", 3, 16, True),
     "awq-w3-128": ("Awq", 3, 128, True),
+    "gptq-w4-128": ("GPTQ", 4, 128, False),
+    "gptq-w4-128-act": ("GPTQ", 4, 128, False),
+    "gptq-w3-128": ("GPTQ", 3, 128, False),
+    "gptq-w3-128-act": ("GPTQ", 3, 128, False),
 }
+# GPTQ variants: act-order (with static groups, so the AWQ-GEMM layout holds) or columns in order.
+GPTQ_ACTORDER = {name: name.endswith("-act") for name in VARIANTS if name.startswith("gptq")}
 
 
 def run_variant(name: str, windows: int, out: Path, positions: list[str]) -> dict:
@@ -51,13 +62,18 @@ def run_variant(name: str, windows: int, out: Path, positions: list[str]) -> dic
         f"quant.method={method}",
         f"quant.weight.bit={bit}",
     ]
+    config = CONFIG
     if method == "RTN":
         overrides += ["quant.special={}", "calib=null"]
+    elif method == "GPTQ":
+        act = str(GPTQ_ACTORDER[name]).lower()
+        config = GPTQ_CONFIG
+        overrides += [f"calib.n_samples={samples}", f"quant.special.actorder={act}", f"quant.special.static_groups={act}"]
     else:
         # clip_version v2 clamps at quantization time: the transformed float model stays exact.
         overrides += [f"calib.n_samples={samples}", f"quant.special.weight_clip={str(clip).lower()}", "quant.special.clip_version=v2"]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "llmc_core", "run", "-q", str(CONFIG), *overrides], capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-m", "llmc_core", "run", "-q", str(config), *overrides], capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -100,11 +116,30 @@ def main() -> None:
             args.json.write_text(json.dumps(rows, indent=1))
 
 
+def machine() -> str:
+    """The CPU (and GPU), and the dtype AWQ's ``search_dtype: auto`` picks for fp32 models there."""
+    import platform
+
+    import torch
+
+    from llmc_plugins.methods.awq.precision import auto_search_dtype, fast_bf16
+
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        cpu = next((ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("model name")), cpu)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    dtype = str(auto_search_dtype(torch.float32, device)).replace("torch.", "")
+    return f"CPU {cpu} ({os.cpu_count()} cores){gpu}; search_dtype auto -> {dtype} on {device} ({fast_bf16(device, None)[1]})"
+
+
 def print_table(rows: list[dict], windows: int, final: bool) -> None:
     fp = next((r["pretrain"] for r in rows if "pretrain" in r), None)
     rtn = {r["bit"]: r for r in rows if r["method"] == "RTN"}
     print("" if final else "(partial)")
     print(f"SmolLM2-135M fp32, WikiText-2 test, first {windows} windows of 2048 tokens" + (f"; pretrain PPL {fp:.3f}" if fp else ""))
+    print(machine())
     head = f"{'variant':<12} {'calib':>7} {'clip':>5} {'method s':>9} {'run s':>7} {'peak MB':>8} {'meth MB':>7} {'PPL':>8} {'transf.':>8} {'gap':>6} {'x RTN time':>10} {'x RTN mem':>9}"
     print(head)
     print("-" * len(head))

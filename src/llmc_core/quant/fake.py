@@ -71,6 +71,9 @@ class QuantizedWeight:
 
     ``codes`` is ``[out, in]`` (uint8 for asymmetric, int8 for symmetric specs); ``scales`` and
     ``zeros`` are ``[out, in // group]`` (one column for per-channel, one value for per-tensor).
+    ``g_idx`` (``[in]`` int64, per-group only) names the group of each input column when groups are
+    not consecutive columns (GPTQ's act-order: groups formed in a permuted column order); None means
+    column ``j`` is in group ``j // group_size``, the layout packed formats need.
     ``dequantize()`` gives back exactly the fake-quantized weight.
     """
 
@@ -78,9 +81,14 @@ class QuantizedWeight:
     scales: torch.Tensor
     zeros: torch.Tensor
     spec: QuantSpec
+    g_idx: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out_f, in_f = self.codes.shape
+        if self.g_idx is not None:
+            idx = self.g_idx.to(self.codes.device)
+            w = (self.codes.float() - self.zeros.float()[:, idx]) * self.scales.float()[:, idx]
+            return w.to(dtype)
         wg = group_view(self.codes.float(), self.spec)
         rows = wg.shape[-2]
         w = (wg - self.zeros.reshape(rows, 1).float()) * self.scales.reshape(rows, 1).float()
@@ -97,6 +105,22 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     shape = (1, 1) if spec.granularity == "per_tensor" else (out_f, cols)
     codes = q.reshape(out_f, in_f).to(torch.int8 if spec.symmetric else torch.uint8)
     return QuantizedWeight(codes, scale.reshape(shape), zero.reshape(shape), spec)
+
+
+def column_qparams(cols: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points for a ``[out, k]`` slice of weight columns, for methods that quantize
+    column by column (GPTQ): the slice is one group's columns (``per_group``), or the whole weight
+    (``per_channel``: ``[out, 1]`` each; ``per_tensor``: ``[1, 1]``). Same rule as :func:`qparams`."""
+    wg = cols.float().reshape(1, -1) if spec.granularity == "per_tensor" else cols.float()
+    return qparams(wg, spec)
+
+
+def quantize_columns(cols: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, dequantized)`` of ``[out, k]`` columns under ``scale``/``zero`` from
+    :func:`column_qparams` (broadcast over the columns); the same operations as
+    :func:`fake_quantize`, so equal inputs and parameters give bit-identical values."""
+    q = quantize_grouped(cols.float(), scale, zero, spec)
+    return q, (q - zero) * scale
 
 
 @torch.no_grad()

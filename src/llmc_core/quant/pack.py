@@ -87,6 +87,8 @@ def pack_awq(qw: QuantizedWeight, name: str = "layer") -> AwqTensors:
         raise LlmcError(*(f"{name}: {p}." for p in problems))
     out_f, in_f = qw.codes.shape
     g = spec.group_size
+    if qw.g_idx is not None and not torch.equal(qw.g_idx.cpu(), torch.arange(in_f) // g):
+        raise LlmcError(f"{name}: its quantization groups are not consecutive columns (GPTQ actorder without static_groups); the AWQ GEMM format cannot hold them. Use save_fake, or quant.special.static_groups: true.")
     if out_f % PACK or in_f % g:
         raise LlmcError(f"{name}: the AWQ GEMM format needs out_features divisible by {PACK} and in_features by the group size {g} (layer is {out_f}x{in_f}).")
     codes = qw.codes.to(torch.int32)

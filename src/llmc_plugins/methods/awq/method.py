@@ -91,6 +91,11 @@ class Awq(Method):
     v1`` clamps the float weights). Then ``n_grid`` forwards of the attention and of the MLP in the
     search precision, and the clip check's two block forwards on at most 16384 tokens.
 
+    Memory: the scale search quantizes its grid one candidate (or a few, up to 256 MB) at a time, so
+    it needs the block, its captured activations and a few float32 copies of the largest layer
+    whatever ``n_grid`` is: 180 MB per copy for a Llama-2-7B down_proj, 0.94 GB for a 70B one (the
+    whole 20-point grid at once would be 3.6 GB and 19 GB).
+
     What it does not do: fold into embeddings or ``lm_head`` (SmolLM2 ties them), scale o_proj
     under grouped-query attention (the group is skipped and logged, as ModelTC does by default),
     quantize activations, or choose on the first batch only (ModelTC does; llmc sums all batches).
@@ -114,9 +119,11 @@ class Awq(Method):
       layers); v1 also tries ``s = 1`` so it never loses to RTN.
     - ``n_grid`` (20): grid points of the scale search.
     - ``search_dtype`` (auto): precision of the search's forward passes through attention/MLP
-      (the reference output included). ``auto`` is bfloat16 for float32 models (the anchors search in
-      the model's fp16/bf16 on GPUs; on SmolLM2 it picks the same alphas as float32, 2-4x faster on
-      CPUs with bf16 units) and the model's dtype otherwise. Folding and the loss sums stay float32.
+      (the reference output included). ``auto`` is the model's dtype for fp16/bf16 models; for
+      float32 models it is bfloat16 where the device runs bf16 fast (CUDA with bf16; CPUs with
+      AVX512-BF16 or AMX: on SmolLM2 the same alphas as float32, 2-4x faster) and float32 elsewhere
+      (an AVX2-only CPU emulates bf16 about 44x slower); the choice and its reason are logged once
+      (``llmc_plugins.methods.awq.precision``). Folding and the loss sums stay float32.
     - ``awq_bs`` (none): split each calibration batch into sub-batches of this many samples for the
       search's forward passes (memory only; the loss is the same). Default: as many samples as
       make 8192 tokens, so memory does not grow with ``calib.n_samples``.
@@ -302,9 +309,11 @@ class Awq(Method):
     def _search_dtype(self, layer: Any) -> Any:
         import torch
 
+        from llmc_plugins.methods.awq.precision import auto_search_dtype
+
         name = self.options.search_dtype
         if name == "auto":
-            return torch.bfloat16 if layer.weight.dtype == torch.float32 else layer.weight.dtype
+            return auto_search_dtype(layer.weight.dtype, layer.weight.device)
         return getattr(torch, name)
 
     # -- weight clipping -------------------------------------------------------------------------

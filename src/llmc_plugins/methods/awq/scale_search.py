@@ -8,12 +8,17 @@ best candidate is picked.
 
 Two evaluation paths give that same loss:
 - module path (inspect is e.g. the attention or the MLP): the float output is computed once per
-  group, the quantized weights of all grid points once (one batched quantize-dequantize), then the
-  inspect module runs once per grid point and batch;
+  group, then for each grid point the layers' quantized weights (one candidate at a time) and the
+  inspect module's forward on every batch;
 - linear path (inspect is the group's only linear layer, as for o_proj and down_proj): the output
   error of ``ΔW = Q(W·s)/s - W`` over tokens ``X`` is ``tr(ΔW XᵀX ΔWᵀ) / (tokens·out)``, so ``XᵀX``
   is accumulated once and every grid point costs one ``[out, in] x [in, in]`` product instead of a
   pass over the tokens.
+
+Memory does not grow with ``n_grid``: candidates are quantized at most :data:`GRID_CHUNK_BYTES` at a
+time (one candidate for large layers), so the search's peak is about the block, its activations and
+a few ``[out, in]`` float32 copies of the largest layer (Llama-2-7B down_proj: 180 MB each;
+70B: 0.94 GB each), where the whole 20-point grid at once was 3.6 GB (7B) and 19 GB (70B).
 """
 
 from __future__ import annotations
@@ -66,8 +71,21 @@ def candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: int) -
     return Candidates(s, alphas)
 
 
+# The search quantizes candidates a few at a time: at most this many bytes of ``[p, out, in]``
+# float32 per batched call (at least one candidate). A 70B down_proj (8192 x 28672) is 0.94 GB per
+# candidate, so the whole 20-point grid at once would be 19 GB; chunked, memory is one candidate.
+GRID_CHUNK_BYTES = 256 * 2**20
+
+
+def grid_chunk(w: torch.Tensor, most: int) -> int:
+    """How many candidates of ``w``'s shape one batched call takes (1..``most``)."""
+    per = w.shape[-2] * w.shape[-1] * 4
+    return max(1, min(most, GRID_CHUNK_BYTES // per))
+
+
 def quantized_weights(w: torch.Tensor, scales: torch.Tensor, spec: Any) -> torch.Tensor:
-    """``Q(W·diag(s))·diag(s)^-1`` for every candidate: ``[P, out, in]`` float32, one batched call."""
+    """``Q(W·diag(s))·diag(s)^-1`` for the candidates in ``scales`` (``[p, in]``): ``[p, out, in]``
+    float32, one batched call (callers pass a :func:`grid_chunk` of the grid at a time)."""
     s = scales.view(scales.shape[0], 1, -1)
     wq = fake_quantize_((w.float().unsqueeze(0) * s).contiguous(), spec)
     return wq.div_(s)
@@ -90,14 +108,14 @@ def module_losses(inspect: torch.nn.Module, layers: list[torch.nn.Linear], cap: 
         calls = [(cast(a, dtype), cast(kw, dtype)) for a, kw in calls]  # no-op when captured in dtype
         refs = [torch.cat([first_tensor(inspect(*a, **kw)) for a, kw in chunks(args, kwargs, awq_bs)]) for args, kwargs in calls]
     originals = [layer.weight.data for layer in layers]
-    # The grid's weights, quantized a few candidates per batched call and kept in the search dtype.
-    qweights = [torch.cat([quantized_weights(w, part, spec).to(w.dtype) for part in cand.scales.split(5)]) for w in originals]
     numel = sum(o.numel() for o in refs)
     losses = torch.zeros(len(cand.alphas), dtype=torch.float64)
     try:
         for p in range(len(cand.alphas)):
-            for layer, wq in zip(layers, qweights):
-                layer.weight.data = wq[p]
+            # One candidate's weights at a time (elementwise, so the same values as a batched call):
+            # memory stays one layer per layer whatever n_grid is.
+            for layer, w in zip(layers, originals):
+                layer.weight.data = quantized_weights(w, cand.scales[p : p + 1], spec)[0].to(w.dtype)
             total = 0.0
             for (args, kwargs), ref in zip(calls, refs):
                 start = 0
@@ -118,11 +136,12 @@ def linear_losses(layer: torch.nn.Linear, gram: torch.Tensor, tokens: int, cand:
     """Loss of every candidate for a group whose inspect module is its one linear layer (linear
     path): ``tr(ΔW G ΔWᵀ) / (tokens·out)`` with ``G = XᵀX``; returns ``[P]`` float64."""
     w = layer.weight.data.float()
-    dw = quantized_weights(w, cand.scales, spec).sub_(w)
-    # Batch over a few candidates at a time: [p, out, in] @ [in, in] stays a large matmul.
+    # A few candidates at a time ([p, out, in] @ [in, in] stays a large matmul), never the grid.
     losses = []
-    for part in dw.split(4):
-        losses.append((torch.matmul(part, gram) * part).sum(dim=(1, 2)).double())
+    for scales in cand.scales.split(grid_chunk(w, 4)):
+        dw = quantized_weights(w, scales, spec).sub_(w)
+        losses.append((torch.matmul(dw, gram).mul_(dw)).sum(dim=(1, 2)).double())
+        del dw
     return torch.cat(losses) / (tokens * w.shape[0])
 
 

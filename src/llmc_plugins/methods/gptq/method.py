@@ -1,0 +1,307 @@
+"""The ``Gptq`` method: Hessian-based rounding with error feedback, one decoder block at a time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from llmc_core.api import Method, StrictModel
+from llmc_core.errors import LlmcError
+from llmc_plugins.methods.awq.method import AwqConfig
+
+log = logging.getLogger("llmc.gptq")
+
+# ModelTC/llmc GPTQ keys llmc does not implement: rejected with the reason, never silently ignored.
+UNSUPPORTED = {
+    "owq": "OWQ (outlier columns kept in float) is not implemented; remove owq and n_outs",
+    "n_outs": "it belongs to OWQ, which is not implemented; remove owq and n_outs",
+    "quant_out": "it is a quant-level key in llmc as in ModelTC's configs: move it to quant.quant_out",
+}
+
+# Block forwards that collect the Hessians take at most this many tokens at a time (memory only;
+# XᵀX sums the same).
+CHUNK_TOKENS = 8192
+
+
+class GptqConfig(StrictModel):
+    """``quant.special`` for ``method: GPTQ`` (see :class:`Gptq` for each field)."""
+
+    actorder: bool = False
+    static_groups: bool = False
+    percdamp: float = Field(default=0.01, ge=0, le=10)
+    blocksize: int = Field(default=128, gt=0)
+    true_sequential: bool = True
+    awq: AwqConfig | None = None
+
+    @model_validator(mode="after")
+    def _awq_leaves_rounding_to_gptq(self) -> GptqConfig:
+        if self.awq is not None and self.awq.weight_clip and self.awq.clip_version == "v2":
+            raise ValueError("awq.clip_version: v2 clamps at quantization time, which GPTQ does; use clip_version: v1 (the clamp is folded into the float weights) or weight_clip: false")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, why in UNSUPPORTED.items():
+                if key in data:
+                    raise ValueError(f"'{key}' is not supported by llmc's GPTQ: {why}")
+        return data
+
+
+class Gptq(Method):
+    """GPTQ: accurate post-training quantization for generative transformers (Frantar et al., 2022,
+    arXiv:2210.17323; reference implementations IST-DASLab/gptq and AutoGPTQ / GPTQModel).
+
+    What it does, block by block on the cached calibration inputs: for every set of linear layers
+    that read the same input (the adapter's linear groups; Llama: q/k/v, o, gate/up, down) it
+    accumulates the input's Hessian ``H = 2XᵀX/n`` over all calibration batches (one forward, hooks
+    on the layers' inputs; layers sharing an input share one ``H``), dampens it by ``percdamp ·
+    mean(diag H)``, zeroes the weight columns of inputs that never fire (``H[i,i] = 0``, as the
+    reference does), takes the Cholesky factor of ``H⁻¹``, and quantizes each layer column by column
+    in blocks of ``blocksize`` columns, feeding each column's rounding error back into the columns
+    not yet quantized. Rounding, scales and zero points are :mod:`llmc_core.quant`'s (``quant.weight``:
+    2-8 bits, symmetric or not, per-tensor, per-channel or per-group, ``scale_dtype``), so with
+    ``H = I`` GPTQ is exactly RTN. A Hessian that is not positive definite after damping is retried
+    with 10x the damping (logged), never producing NaNs. Each layer's GPTQ loss, damping and dead
+    inputs are logged (``llmc.gptq``) and kept in ``self.log``.
+
+    GPTQ's result is the quantized weight, not an equivalent float transform: the float block is
+    left as it was (``transformed`` equals ``pretrain``) and ``quantize_block`` writes the integer
+    weights computed during calibration. ``quant.quant_out: true`` (as in ModelTC's and the
+    reference's GPTQ) quantizes each block right after it is solved, so the next block calibrates on
+    the quantized block's outputs; with ``quant_out: false`` every block calibrates on the float
+    model, and the integer codes of every layer (one byte per weight, on CPU) wait for the quantize
+    stage.
+
+    Memory: one block's Hessians at a time, float32 ``in × in`` per shared input (one at a time with
+    ``true_sequential``); while one layer is solved, up to four such matrices are alive (``H``, the
+    solver's damped/permuted copy, the Cholesky factor and its inverse). SmolLM2-135M: 1536² · 4 B =
+    9 MB for down_proj. Llama-2-7B: 11008² · 4 B = 0.48 GB for down_proj (about 2 GB while it is
+    solved), 0.2 GB for the other three inputs together. Llama-2/3-70B: down_proj's ``H`` is
+    28672² · 4 B = 3.3 GB, about 13 GB while it is solved, plus the block (1.7 GB in fp16), the
+    layer's float32 weight copies (0.94 GB each) and the cached activations.
+
+    What it does not do: OWQ's float outlier columns, activation quantization, or layers outside
+    the decoder blocks (embeddings, ``lm_head``).
+
+    Example (ModelTC/llmc's GPTQ config, unchanged)::
+
+        quant:
+          method: GPTQ
+          weight: {bit: 4, symmetric: false, granularity: per_group, group_size: 128}
+          special:
+            actorder: true
+            static_groups: false
+            percdamp: 0.01
+            blocksize: 128
+            true_sequential: true
+          quant_out: true
+
+    ``quant.special`` fields:
+
+    - ``actorder`` (false): quantize columns in descending ``diag H``. With per-group specs the
+      groups are then formed in that order and each layer's ``g_idx`` maps columns to groups
+      (``save_fake`` holds it; ``save_awq`` and ``real_quant`` need ``static_groups: true``).
+    - ``static_groups`` (false): per-group scales and zero points computed once on the original
+      weight's consecutive columns before any update, so act-order keeps the packed layout.
+    - ``percdamp`` (0.01): damping, as a fraction of ``mean(diag H)``, added to ``diag H``.
+    - ``blocksize`` (128): columns per lazy-update block (speed only; same result up to rounding).
+    - ``true_sequential`` (true): solve the block's input sets in order (q/k/v, then o, then
+      gate/up, then down), each on inputs computed with the earlier layers already quantized
+      (one partial block forward per set); false: all Hessians from one forward of the float block.
+
+    - ``awq`` (none): AWQ's options (the ``Awq`` method's ``quant.special``, e.g. ``{trans: true,
+      weight_clip: true, clip_version: v1}``): run AWQ's scale search and folding (and clipping,
+      folded into the float weights) on each block first, then GPTQ's rounding on the scaled block.
+      ``transformed`` is then AWQ's transformed model.
+
+    Rejected with a reason: ``owq``, ``n_outs``, ``quant_out`` (belongs to ``quant``); any other
+    unknown key is an error too.
+    """
+
+    name = "gptq"
+    Config = GptqConfig
+
+    def __init__(self, options: GptqConfig, weight: Any):
+        super().__init__(options, weight)
+        self.awq = None
+        if options.awq is not None:
+            from llmc_plugins.methods.awq import Awq
+
+            self.awq = Awq(options.awq, weight)  # scales first; GPTQ rounds the scaled weights
+        # full layer name -> QuantizedWeight solved in transform_block, written by quantize_block
+        self.solved: dict[str, Any] = {}
+
+    @classmethod
+    def check(cls, run_config: Any) -> None:
+        """Act-order without static groups stores a ``g_idx``: refuse the packed int4 layouts."""
+        opts = run_config.special
+        if opts is not None and opts.awq is not None:  # the AWQ step's files (save_scale, save_clip)
+            from types import SimpleNamespace
+
+            from llmc_plugins.methods.awq import Awq
+
+            Awq.check(SimpleNamespace(special=opts.awq, save=run_config.save, resume=run_config.resume))
+        if opts is None or not opts.actorder or opts.static_groups:
+            return
+        why = "quant.special.actorder: true forms quantization groups in a permuted column order (g_idx), which the AWQ GEMM layout cannot hold; set quant.special.static_groups: true, or actorder: false"
+        problems = []
+        if run_config.save is not None and getattr(run_config.save, "save_awq", False):
+            problems.append(f"save.save_awq: {why}, or save with save_fake.")
+        if "real_quant" in run_config.positions():
+            problems.append(f"eval.eval_pos: real_quant: {why}, or measure fake_quant.")
+        if problems:
+            raise LlmcError(*problems)
+
+    # -- runner hooks ----------------------------------------------------------------------------
+
+    def check_model(self, adapter: Any) -> None:
+        super().check_model(adapter)
+        if self.awq is not None:
+            self.awq.check_model(adapter)
+
+    def transform_block(self, ctx: Any) -> None:
+        from llmc_plugins.methods.gptq.solver import Hessian, gptq_quantize
+
+        opts = self.options
+        if self.awq is not None:
+            self.awq.transform_block(ctx)  # its log stays in self.awq.log
+        linears = ctx.adapter.quant_linears(ctx.block)
+        steps = self._steps(ctx, linears)
+        originals = {n: m.weight.data for n, m in linears.items()}
+        try:
+            for step in steps:
+                hessians = {g[0]: Hessian.zeros(linears[g[0]].in_features, linears[g[0]].weight.device) for g in step}
+                outputs = self._collect(ctx, {n: linears[n] for n in hessians}, hessians, stop_early=opts.true_sequential)
+                for group in step:
+                    h = hessians.pop(group[0]).value()
+                    for name in group:
+                        layer = linears[name]
+                        full = f"{ctx.prefix}.{name}"
+                        start = time.perf_counter()
+                        res = gptq_quantize(originals[name], h, self.weight, opts.blocksize, opts.percdamp, opts.actorder, opts.static_groups, full)
+                        self.solved[full] = _to_cpu(res.weight)
+                        # Later input sets (true_sequential) see this layer quantized.
+                        layer.weight.data = res.weight.dequantize(layer.weight.dtype).to(layer.weight.device)
+                        seconds = time.perf_counter() - start
+                        log.info("block %d %s: loss %.4g, damp %.3g%s%s, %.2f s", ctx.index, name, res.loss, res.damp, f" (raised {res.retries}x)" if res.retries else "", f", {res.dead} dead inputs" if res.dead else "", seconds)
+                        self.log.append({"block": ctx.index, "layer": name, "loss": res.loss, "damp": res.damp, "retries": res.retries, "dead": res.dead, "seconds": round(seconds, 3)})
+                    del h
+                if outputs:  # one full forward of the float block (true_sequential off)
+                    ctx.outputs = outputs
+        finally:
+            for n, m in linears.items():  # the float block leaves transform_block as it came in
+                m.weight.data = originals[n]
+
+    def quantize_block(self, ctx: Any) -> dict[str, Any]:
+        import torch
+
+        out = {}
+        with torch.no_grad():
+            for name, linear in ctx.adapter.quant_linears(ctx.block).items():
+                full = f"{ctx.prefix}.{name}"
+                qw = self.solved.pop(full, None)
+                if qw is None:
+                    raise LlmcError(f"GPTQ: no solved weight for {full}; the calibration pass did not reach this layer. Rerun without --resume, or report the bug.")
+                linear.weight.data.copy_(qw.dequantize(linear.weight.dtype).to(linear.weight.device))
+                out[full] = qw
+        return out
+
+    def finish(self, overwrite: bool) -> None:
+        if self.awq is not None:
+            self.awq.finish(overwrite)
+
+    # -- resume ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The solved layers not yet written (``quant_out: false``: every finished block's; one
+        byte per weight, rewritten with each block checkpoint) and the AWQ step's state."""
+        solved = {}
+        for name, q in self.solved.items():
+            entry = {"codes": q.codes, "scales": q.scales, "zeros": q.zeros, "spec": q.spec.model_dump()}
+            if q.g_idx is not None:
+                entry["g_idx"] = q.g_idx
+            solved[name] = entry
+        state: dict[str, Any] = {"solved": solved}
+        if self.awq is not None:
+            state["awq"] = {"state": self.awq.state_dict(), "log": self.awq.log}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from llmc_core.quant import QuantizedWeight, QuantSpec
+
+        self.solved = {n: QuantizedWeight(q["codes"], q["scales"], q["zeros"], QuantSpec(**q["spec"]), q.get("g_idx")) for n, q in state.get("solved", {}).items()}
+        if self.awq is not None and "awq" in state:
+            self.awq.load_state_dict(state["awq"]["state"])
+            self.awq.log = list(state["awq"]["log"])
+
+    # -- what is solved when ---------------------------------------------------------------------
+
+    def _steps(self, ctx: Any, linears: dict[str, Any]) -> list[list[list[str]]]:
+        """Input sets (lists of layer names sharing an input), grouped into solving steps: one set
+        per step with ``true_sequential``, all sets in one step otherwise. Layers the adapter's
+        groups do not name get their own set, after the others."""
+        try:
+            groups = [list(g.layers) for g in ctx.adapter.linear_groups(ctx.block)]
+        except NotImplementedError:
+            groups = []
+        named = {n for g in groups for n in g}
+        unknown = [n for g in groups for n in g if n not in linears]
+        if unknown:
+            raise LlmcError(f"GPTQ: the model adapter names layers that are not quantized linear layers of block {ctx.index}: {', '.join(unknown)}; the adapter's linear groups are wrong for this model.")
+        sets = groups + [[n] for n in linears if n not in named]
+        return [[s] for s in sets] if self.options.true_sequential and groups else [sets]
+
+    def _collect(self, ctx: Any, firsts: dict[str, Any], hessians: dict[str, Any], stop_early: bool) -> list[Any]:
+        """Accumulate ``XᵀX`` of each layer in ``firsts`` over every calibration batch. With
+        ``stop_early`` each forward stops once every layer has seen its input (the block's output
+        is not needed); otherwise the full forward's outputs are returned (one tensor per batch)."""
+        import torch
+
+        from llmc_core.blockwise import block_output, cut_batch
+
+        class _Done(Exception):
+            pass
+
+        seen: set[str] = set()
+
+        def make(name: str):
+            def pre(module: Any, args: tuple) -> None:
+                hessians[name].add(args[0])
+                seen.add(name)
+                if stop_early and len(seen) == len(firsts):
+                    raise _Done
+
+            return pre
+
+        handles = [m.register_forward_pre_hook(make(n)) for n, m in firsts.items()]
+        outputs = []
+        try:
+            with torch.no_grad():
+                for h, kw in zip(ctx.inputs, ctx.kwargs):
+                    n = h.shape[0]
+                    size = max(1, CHUNK_TOKENS // max(1, h.shape[1]))
+                    outs = []
+                    for i in range(0, n, size):
+                        part = slice(i, i + size)
+                        seen.clear()
+                        try:
+                            outs.append(block_output(ctx.block(h[part], **{k: cut_batch(v, n, part) for k, v in kw.items()})))
+                        except _Done:
+                            pass
+                    if not stop_early:
+                        outputs.append(torch.cat(outs) if len(outs) > 1 else outs[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
+
+
+def _to_cpu(qw: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(qw, codes=qw.codes.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu(), g_idx=None if qw.g_idx is None else qw.g_idx.cpu())
