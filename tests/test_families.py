@@ -115,3 +115,50 @@ def test_awq_beats_rtn_on_most_linear_groups(model_type):
         wins[key] = (e_awq < e_rtn, round(e_awq / e_rtn, 3))
     print(f"{model_type}: AWQ/RTN block error per group {wins}")
     assert sum(w for w, _ in wins.values()) >= 3, f"{model_type}: AWQ/RTN block error per group {wins}"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from llmc_core.testing import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+def block_matrices(state, blocks_path="model.layers"):
+    """Every block weight of a state dict except routers, as ``{name: tensor}``."""
+    return {n: t for n, t in state.items() if n.startswith(f"{blocks_path}.") and t.dim() >= 2 and not n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))}
+
+
+def max_distinct_per_group(w: torch.Tensor, group: int) -> int:
+    rows = torch.sort(w.float().reshape(-1, group), dim=-1).values
+    return int((1 + (rows.diff(dim=-1) != 0).sum(-1)).max())
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_run_auto_saves_a_fake_quant_folder_that_transformers_reloads(model_type, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmc_core import config
+    from llmc_core.run import Run
+    from llmc_core.testing import run_config, save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model", model_type)
+    cfg = run_config(folder, corpus, tmp_path / "out", method="awq", bit=3, group_size=16, eval_pos=("pretrain", "transformed", "fake_quant"), special={"n_grid": 4})
+    cfg["model"]["type"] = "auto"
+    cfg["eval"]["num_samples"] = 2
+    cfg["save"].update(save_trans=True, save_fake=True)
+    run = Run(config.validate(cfg))
+    records = {r.position: r.value for r in run.execute()}
+    assert records["transformed"] == pytest.approx(records["pretrain"], rel=1e-4)
+    assert records["fake_quant"] != records["pretrain"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "fake_quant_model", dtype=torch.float32).eval()
+    ids = batches(1, seed=3)[0]
+    with torch.no_grad():
+        ours, theirs = run.model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    weights = block_matrices(reloaded.state_dict())
+    assert weights and all(max_distinct_per_group(w, 16) <= 2**3 for w in weights.values()), [n for n, w in weights.items() if max_distinct_per_group(w, 16) > 8]
+    n_quantized = len(run.quantized)
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert f"({n_quantized} weights)" in report
+    print(f"{model_type}: {n_quantized} weights quantized; ppl pretrain {records['pretrain']:.3f} transformed {records['transformed']:.3f} fake_quant {records['fake_quant']:.3f}")

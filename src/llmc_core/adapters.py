@@ -148,6 +148,31 @@ class ModelAdapter:
                 out[f"{self.block_prefix(i)}.{name}"] = lin
         return out
 
+    def inventory(self) -> tuple[dict[str, int], dict[str, str]]:
+        """What a method will quantize, before any work: ``({kind: number of weights},
+        {full name: why it stays float})`` over the whole model (routers, embeddings, lm_head...)."""
+        from llmc_core.layer_ops import other_matrices
+
+        counts: dict[str, int] = {}
+        skipped: dict[str, str] = {}
+        in_blocks = set()
+        for i, block in enumerate(self.blocks()):
+            prefix = self.block_prefix(i)
+            for name in self.all_weights(block):
+                why = self.float_reason(name)
+                if why is None:
+                    counts[self.kind(name)] = counts.get(self.kind(name), 0) + 1
+                else:
+                    skipped[f"{prefix}.{name}"] = why
+            for param in other_matrices(block):
+                module = param.rsplit(".", 1)[0] if "." in param else ""
+                skipped[f"{prefix}.{param}"] = self.float_reason(module) or self.float_reason(param) or "not a linear layer or fused expert tensor"
+            in_blocks.update(f"{prefix}.{n}" for n, _ in block.named_parameters())
+        for name, p in self.model.named_parameters():
+            if p.dim() >= 2 and name not in in_blocks and not name.startswith(f"{self.blocks_path}."):
+                skipped[name] = "outside the decoder blocks (embeddings and lm_head stay float)"
+        return counts, skipped
+
     def get(self, block: torch.nn.Module, name: str) -> Any:
         """A module, expert view or fused part (``name:part``) of ``block`` by name.
 
