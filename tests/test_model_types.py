@@ -152,3 +152,12 @@ def test_moe_family_through_the_cli_with_auto(model_type, corpus, tmp_path):
     assert (tmp_path / "out" / "fake_quant_model" / "model.safetensors").is_file()
     report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "experts" in report and "router (stays float)" in report
+
+
+def test_an_explicit_type_on_an_unsupported_checkpoint_names_the_supported_ones(corpus, tmp_path):
+    folder = save_other(tmp_path / "olmo", "olmo")
+    cfg = run_config(folder, corpus, tmp_path / "out", method="rtn", eval_pos=("fake_quant",))
+    with pytest.raises(LlmcError) as err:
+        Run(config.validate(cfg)).execute()
+    (line,) = err.value.problems
+    assert "No llmc family supports 'olmo'" in line and "qwen3_moe" in line and "model.type: auto, quant.method: RTN works" in line

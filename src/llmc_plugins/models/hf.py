@@ -58,6 +58,15 @@ def _need_gguf(extra: dict[str, Any]) -> None:
             raise LlmcError("model.path is a .gguf file, which needs the 'gguf' package: pip install 'llmc[gguf]'.") from exc
 
 
+def _type_hint(model_type: str) -> str:
+    from llmc_plugins.models.families import supported_families
+
+    types = sorted({t for f in supported_families() for t in getattr(f, "model_types", ())})
+    if model_type in types:
+        return "Set model.type: auto, or the matching family ('llmc plugins' lists them)."
+    return f"No llmc family supports '{model_type}' (supported: {', '.join(types)}); with model.type: auto, quant.method: RTN works on any model whose linear layers llmc can find."
+
+
 def load_hf(config: HFModelConfig, model_types: tuple[str, ...], family: str) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``; refuse a checkpoint of another architecture with a clear line."""
     import torch
@@ -70,7 +79,7 @@ def load_hf(config: HFModelConfig, model_types: tuple[str, ...], family: str) ->
     if hf_config.model_type not in model_types:
         raise LlmcError(
             f"model.type: '{config.type}' expects a {'/'.join(model_types)} checkpoint, but {config.path} is "
-            f"'{hf_config.model_type}'. Set model.type: auto, or the matching family ('llmc plugins' lists them)."
+            f"'{hf_config.model_type}'. {_type_hint(hf_config.model_type)}"
         )
     dtype = "auto" if config.torch_dtype == "auto" else getattr(torch, config.torch_dtype)
     if extra and dtype == "auto":
