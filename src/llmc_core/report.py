@@ -116,7 +116,7 @@ def _summary(run: Run) -> list[str]:
 
 def _weights_section(run: Run) -> list[str]:
     """Quantized weights by kind, and every weight left float grouped by the reason."""
-    if run.adapter is None or run.config.quant is None:
+    if getattr(run, "adapter", None) is None or run.config.quant is None:
         return ["No weights were quantized in this run."]
     from llmc_core.weights import weight_report
 
