@@ -132,7 +132,9 @@ class Method(Plugin):
     def check_model(self, adapter: ModelAdapter) -> None:
         """Raise :class:`~llmc_core.errors.LlmcError` if the method cannot handle this model."""
         from llmc_core.quant import check_divisible
+        from llmc_core.weights import announce_weights
 
+        announce_weights(adapter, self.name)  # logs the counts by kind; refuses a model with nothing to quantize
         check_divisible(self.weight, adapter.named_quant_linears())
 
     def transform_block(self, ctx: BlockContext) -> None:

@@ -18,14 +18,34 @@ from llmc_core.errors import LlmcError
 
 
 class _Captured(Exception):
-    """Raised by the catcher to stop the forward pass once block 0's inputs are recorded."""
+    """Raised by the last catcher to stop the forward pass once every block's inputs are recorded."""
+
+
+class BlockKwargs(list):
+    """Block 0's keyword inputs, one dict per batch, plus ``by_block``: those of later blocks
+    that receive different ones (Gemma's local and global layers get their own rotary
+    embeddings and masks)."""
+
+    by_block: dict[int, list[dict[str, Any]]]
+
+    def for_block(self, index: int) -> list[dict[str, Any]]:
+        return self.by_block.get(index, self)
+
+
+def kwargs_for(kwargs: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
+    """The keyword inputs of block ``index`` (block 0's unless the capture recorded others)."""
+    return kwargs.for_block(index) if isinstance(kwargs, BlockKwargs) else kwargs
 
 
 class _Catcher(torch.nn.Module):
-    def __init__(self, block: torch.nn.Module, sink: list[tuple[torch.Tensor, dict[str, Any]]]):
+    """Records a block's inputs and passes the hidden states through unchanged, or (``stop``)
+    ends the forward pass; only block 0's hidden states are real, the others' keyword inputs are."""
+
+    def __init__(self, block: torch.nn.Module, sink: list[tuple[torch.Tensor, dict[str, Any]]], stop: bool = True):
         super().__init__()
         self.block = block
         self.sink = sink
+        self.stop = stop
         # Decoder stacks sometimes read attributes of their layers (e.g. ``attention_type``).
         for attr in ("attention_type", "layer_idx", "is_sliding"):
             if hasattr(block, attr):
@@ -34,9 +54,11 @@ class _Catcher(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if args:
             raise LlmcError("The decoder block got positional arguments besides hidden_states; this model family needs its own adapter.")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
         self.sink.append((hidden_states, kwargs))
-        raise _Captured
+        if self.stop:
+            raise _Captured
+        return hidden_states
 
 
 @dataclass
@@ -106,15 +128,20 @@ def move_kwargs(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 @torch.no_grad()
 def capture_block_inputs(model: torch.nn.Module, adapter: ModelAdapter, batches: Iterable[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Run the model up to block 0 on each batch; return block 0's inputs and keyword inputs."""
+    """Run the model up to block 0 on each batch; return block 0's inputs and keyword inputs
+    (a :class:`BlockKwargs`: later blocks' keyword inputs where they differ from block 0's)."""
     blocks_parent = model.get_submodule(adapter.blocks_path)
-    first = blocks_parent[0]
-    sink: list[tuple[torch.Tensor, dict[str, Any]]] = []
+    originals = list(blocks_parent)
+    sinks: list[list[tuple[torch.Tensor, dict[str, Any]]]] = [[] for _ in originals]
     pre = adapter.pre_block_modules()
     homes = [_device_of(m) for m in pre]
     for m in pre:
         m.to(device)
-    blocks_parent[0] = _Catcher(first, sink)
+    # Every block becomes a catcher that records its inputs and passes the hidden states through
+    # unchanged (no block computes anything); the last one stops the pass before the head.
+    last = len(originals) - 1
+    for i, block in enumerate(originals):
+        blocks_parent[i] = _Catcher(block, sinks[i], stop=i == last)
     try:
         for ids in batches:
             try:
@@ -122,10 +149,32 @@ def capture_block_inputs(model: torch.nn.Module, adapter: ModelAdapter, batches:
             except _Captured:
                 pass
     finally:
-        blocks_parent[0] = first
+        for i, block in enumerate(originals):
+            blocks_parent[i] = block
         for m, home in zip(pre, homes):
             m.to(home)
-    return [h for h, _ in sink], [kw for _, kw in sink]
+    kwargs = BlockKwargs(kw for _, kw in sinks[0])
+    kwargs.by_block = {}
+    for i in range(1, len(originals)):
+        mine = [kw for _, kw in sinks[i]]
+        if any(not _same_values(a, b) for a, b in zip(mine, kwargs)):
+            kwargs.by_block[i] = mine
+    return [h for h, _ in sinks[0]], kwargs
+
+
+def _same_values(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two keyword dicts hold the very same objects (a model hands every layer of one
+    type the same mask and position embeddings)."""
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            if len(x) != len(y) or any(p is not q for p, q in zip(x, y)):
+                return False
+        elif x is not y:
+            return False
+    return True
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -156,7 +205,7 @@ def run_blocks(
         block = blocks[i]
         home = _device_of(block)
         block.to(device)
-        ctx = BlockContext(i, block, adapter.block_prefix(i), adapter, inputs, kwargs, device)
+        ctx = BlockContext(i, block, adapter.block_prefix(i), adapter, inputs, kwargs_for(kwargs, i), device)
         if work is not None:
             work(ctx)
             check_finite_weights(ctx, "transform")

@@ -50,6 +50,8 @@ class LayerErrors:
 
     def _listen(self, adapter: Any, block: Any, prefix: str) -> None:
         for name, linear in adapter.quant_linears(block).items():
+            if not hasattr(linear, "register_forward_pre_hook"):
+                continue  # a fused expert's view: its inputs are not observable (output error not measured)
             full = f"{prefix}.{name}"
 
             def hook(module: Any, args: tuple, _full: str = full) -> None:

@@ -2,7 +2,7 @@
 
 ``report.md`` holds, in this order: a summary, the perplexity table by position, the other
 (downstream) metrics, time and peak memory per stage, the quantization error per layer (where the
-damage is), the resolved config as YAML and the environment (versions, device). ``report.png``
+damage is), the quantized weights by kind and the skipped ones with the reason, the resolved config as YAML and the environment (versions, device). ``report.png``
 plots the per-layer error by block and the time per stage; it needs matplotlib
 (``pip install 'llmc[report]'``) and is skipped, with a note in ``report.md``, without it.
 
@@ -59,6 +59,8 @@ def render_markdown(run: Run, layer_rows: list[dict[str, Any]], plot_note: str |
     out += _stage_table(run.stages)
     out += ["", "## Quantization error per layer", ""]
     out += _layer_section(layer_rows)
+    out += ["", "## Quantized and skipped weights", ""]
+    out += _weights_section(run)
     out += ["", f"![per-layer error and stage times]({PLOT_NAME})" if plot_note is None else f"_{plot_note}_"]
     out += ["", "## Config", "", "```yaml", yaml.safe_dump(cfg.raw, sort_keys=False).rstrip(), "```"]
     out += ["", "## Environment", ""]
@@ -113,6 +115,21 @@ def _summary(run: Run) -> list[str]:
     if run.saved:
         lines.append("- saved: " + ", ".join(f"{name} → `{path}`" for name, path in run.saved.items()))
     return lines
+
+
+def _weights_section(run: Run) -> list[str]:
+    """Quantized weights by kind, and every weight left float grouped by the reason."""
+    if getattr(run, "adapter", None) is None or run.config.quant is None:
+        return ["No weights were quantized in this run."]
+    from llmc_core.weights import weight_report
+
+    counts, skipped = weight_report(run.adapter, set(run.quantized))
+    lines = ["Quantized: " + (", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "none") + f" ({sum(counts.values())} weights).", ""]
+    by_reason: dict[str, list[str]] = {}
+    for name, why in skipped.items():
+        by_reason.setdefault(why, []).append(name)
+    rows = [(why, str(len(names)), ", ".join(f"`{n}`" for n in names[:3]) + (" ..." if len(names) > 3 else "")) for why, names in by_reason.items()]
+    return lines + (_table(("skipped because", "weights", "e.g."), rows) if rows else ["Nothing was skipped."])
 
 
 def _ppl_table(records: list[EvalRecord]) -> list[str]:

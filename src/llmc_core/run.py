@@ -114,6 +114,7 @@ class Run:
         if cfg.method is not None:  # fail on a spec the model cannot take before any work
             self.method = cfg.method(cfg.special, cfg.weight)
             self.method.check_model(self.adapter)
+            self._check_int4_layers()
         self.evaluate("pretrain")
         if cfg.method is not None:
             if cfg.method.needs_calibration:
@@ -157,6 +158,15 @@ class Run:
         self.adapter = family.adapter(self.model)
         dev = self.config.base.device
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev)
+
+    def _check_int4_layers(self) -> None:
+        """Real int4 layers (save_awq, real_quant) need plain linear layers: refuse fused experts before any work."""
+        from llmc_core.weights import int4_layer_problem
+
+        wanted = [w for w, on in (("save.save_awq", any(s.name == "awq" for s in self.config.savers)), ("eval.eval_pos: real_quant", "real_quant" in self.config.positions())) if on]
+        problems = [p for w in wanted if (p := int4_layer_problem(self.adapter, w))]
+        if problems:
+            raise LlmcError(*problems)
 
     def load_calibration(self) -> None:
         import torch

@@ -2,6 +2,8 @@
 
 - :func:`tiny_llama` builds a small random Llama in memory (seconds, no download).
 - :func:`save_tiny_llama` writes one as a HF folder with a word-level tokenizer.
+- :func:`tiny_model` / :func:`save_tiny_model` do the same for every supported family
+  (Qwen3, Gemma 2/3, Phi-3, Mixtral, Qwen2/3-MoE...) from transformers' config classes.
 - :func:`run_config` builds a run-config mapping with sensible small defaults.
 - :func:`run_cli` runs ``llmc`` in-process and captures exit code, stdout and stderr.
 - :func:`write_config` writes a config mapping as YAML; :func:`read_results` reads a run's
@@ -59,6 +61,56 @@ def tiny_llama(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int 
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.5 * torch.rand_like(p))
     return model
+
+
+# Small per-family settings on top of the common tiny shape (hidden 64, 4 heads, 2 KV heads of 16).
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "phi3": {},
+    "gemma2": {"query_pre_attn_scalar": 16, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    "gemma3_text": {"query_pre_attn_scalar": 16, "final_logit_softcapping": 30.0, "sliding_window": 16},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 128},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
+}
+
+
+def tiny_model(model_type: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = 128, seed: int = 0, outliers: int = 4, **overrides: Any):
+    """A tiny random causal LM of any family in :data:`FAMILY_CONFIGS` (built in memory from
+    transformers' own config class: no download). ``outliers`` input channels of every norm are
+    scaled up (x8) so activation-aware methods find outliers, as in real checkpoints."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=hidden // heads, vocab_size=vocab, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    kwargs.update(FAMILY_CONFIGS[model_type])
+    kwargs.update(overrides)
+    cfg = AutoConfig.for_model(model_type, **kwargs)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    offset = 1.0 if model_type.startswith("gemma") else 0.0  # Gemma's norms scale by 1 + weight
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                gain = 1 + 0.5 * torch.rand(p.shape, generator=gen)
+                if p.shape[0] == hidden and outliers:
+                    gain[torch.randperm(hidden, generator=gen)[:outliers]] *= 8
+                p.copy_(gain - offset)
+    return model
+
+
+def save_tiny_model(folder: str | Path, model_type: str, **kwargs: Any) -> Path:
+    """Write :func:`tiny_model` and a word tokenizer to ``folder`` as a HF model folder."""
+    folder = Path(folder)
+    model = tiny_model(model_type, **kwargs)
+    model.save_pretrained(folder, safe_serialization=True)
+    word_tokenizer(kwargs.get("vocab", 128)).save_pretrained(folder)
+    return folder
 
 
 def word_tokenizer(vocab: int = 128):

@@ -58,7 +58,7 @@ class Perplexity(Evaluator):
 
             for i in progress(range(0, n_windows, config.bs), desc=f"ppl {position}"):
                 batch = windows[i : i + config.bs].to(run.device)
-                nll += _sum_nll(hidden_fn(run, batch), batch, head)
+                nll += _sum_nll(hidden_fn(run, batch), batch, head, run.adapter.logits if run.adapter is not None else None)
                 count += batch[:, 1:].numel()
         ppl = math.exp(nll / count)
         return [EvalRecord(position, self.name, config.name, "perplexity", ppl, round(time.perf_counter() - start, 2))]
@@ -78,16 +78,18 @@ def _token_ids(run, config):
 HEAD_CHUNK = 512
 
 
-def _sum_nll(hidden, batch, head):
+def _sum_nll(hidden, batch, head, finish=None):
     """Summed next-token cross-entropy of ``batch`` from the final hidden states, ``HEAD_CHUNK``
-    positions at a time."""
+    positions at a time; ``finish`` turns the head's output into the model's logits (the
+    adapter's ``logits``: Gemma's soft-capping)."""
     import torch
 
     total = 0.0
     last = hidden.shape[1] - 1
     for s in range(0, last, HEAD_CHUNK):
         e = min(s + HEAD_CHUNK, last)
-        logits = head(hidden[:, s:e]).float()
+        logits = head(hidden[:, s:e])
+        logits = (logits if finish is None else finish(logits)).float()
         total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, s + 1 : e + 1].reshape(-1), reduction="sum").item()
     return total
 

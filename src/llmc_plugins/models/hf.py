@@ -14,7 +14,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 class HFModelConfig(StrictModel):
     """The ``model`` section.
 
-    - ``type``: the family (``Llama``, ``Mistral``, ``Qwen2``, ``SmolLM2``), case-insensitive.
+    - ``type``: the family, case-insensitive: ``auto`` (from the checkpoint's ``model_type``) or one
+      of ``llmc plugins``' model families (``Llama``, ``Qwen3``, ``Gemma2``, ``Phi3``, ``Mixtral``...).
     - ``path``: a HF model folder, a ``.gguf`` file, ``pkg:<package>/<file>``, or a hub id.
     - ``torch_dtype``: ``auto`` (the checkpoint's own), ``float32``, ``float16``, ``bfloat16``.
     - ``tokenizer_path``: defaults to ``path``. ``tokenizer_mode``: ``fast`` or ``slow``.
@@ -36,23 +37,49 @@ def _split_gguf(path: str) -> tuple[str, dict[str, Any]]:
     return path, {}
 
 
+def read_model_type(config: HFModelConfig) -> str:
+    """The checkpoint's ``model_type`` (config.json, or what transformers reads from a GGUF file)."""
+    from transformers import AutoConfig
+
+    where, extra = _split_gguf(config.path)
+    _need_gguf(extra)
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=config.trust_remote_code, **extra).model_type
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LlmcError(f"model.path: {config.path} has no readable model config ({first}). Give a Hugging Face model folder with config.json, a .gguf file, or pkg:<package>/<file>.") from exc
+
+
+def _need_gguf(extra: dict[str, Any]) -> None:
+    if extra:
+        try:
+            import gguf  # noqa: F401
+        except ImportError as exc:
+            raise LlmcError("model.path is a .gguf file, which needs the 'gguf' package: pip install 'llmc[gguf]'.") from exc
+
+
+def _type_hint(model_type: str) -> str:
+    from llmc_plugins.models.families import supported_families
+
+    types = sorted({t for f in supported_families() for t in getattr(f, "model_types", ())})
+    if model_type in types:
+        return "Set model.type: auto, or the matching family ('llmc plugins' lists them)."
+    return f"No llmc family supports '{model_type}' (supported: {', '.join(types)}); with model.type: auto, quant.method: RTN works on any model whose linear layers llmc can find."
+
+
 def load_hf(config: HFModelConfig, model_types: tuple[str, ...], family: str) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``; refuse a checkpoint of another architecture with a clear line."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where, extra = _split_gguf(config.path)
-    if extra:
-        try:
-            import gguf  # noqa: F401
-        except ImportError as exc:
-            raise LlmcError("model.path is a .gguf file, which needs the 'gguf' package: pip install 'llmc[gguf]'.") from exc
+    _need_gguf(extra)
     common = {"trust_remote_code": config.trust_remote_code, **extra}
     hf_config = AutoConfig.from_pretrained(where, **common)
     if hf_config.model_type not in model_types:
         raise LlmcError(
             f"model.type: '{config.type}' expects a {'/'.join(model_types)} checkpoint, but {config.path} is "
-            f"'{hf_config.model_type}'. Set model.type to the matching family ('llmc plugins' lists them)."
+            f"'{hf_config.model_type}'. {_type_hint(hf_config.model_type)}"
         )
     dtype = "auto" if config.torch_dtype == "auto" else getattr(torch, config.torch_dtype)
     if extra and dtype == "auto":

@@ -88,6 +88,7 @@ class BlockCapture:
     linears: dict[str, LinearCapture] = field(default_factory=dict)  # by target name
     clip_grams: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # by layer name
     outputs: list[torch.Tensor] = field(default_factory=list)
+    expert_tokens: dict[int, list[int]] = field(default_factory=dict)  # id(experts module) -> tokens per expert
 
 
 def cast(v: Any, dtype: torch.dtype | None) -> Any:
@@ -143,7 +144,14 @@ def _module_hooks(t: Target, cap: ModuleCapture, dtype: torch.dtype | None) -> l
     def pre_layer(module, args):
         cap.act.add(args[0])
 
-    handles = [t.inspect.register_forward_pre_hook(pre_inspect, with_kwargs=True), t.layers[0].register_forward_pre_hook(pre_layer)]
+    def pre_inspect_act(module, args, kwargs):
+        cap.act.add(_hidden(args, kwargs))
+
+    handles = [t.inspect.register_forward_pre_hook(pre_inspect, with_kwargs=True)]
+    if isinstance(t.layers[0], torch.nn.Module):
+        handles.append(t.layers[0].register_forward_pre_hook(pre_layer))
+    else:  # a fused expert's view cannot be hooked: the group's input is the inspect module's (the MoE block's)
+        handles.append(t.inspect.register_forward_pre_hook(pre_inspect_act, with_kwargs=True))
     if dtype is None:
         handles.append(t.inspect.register_forward_hook(post_inspect, with_kwargs=True))
     return handles
@@ -155,6 +163,36 @@ def _linear_hooks(layer: torch.nn.Linear, cap: LinearCapture) -> list[Any]:
         cap.gram.addmm_(x2.T, x2)
 
     return [layer.register_forward_pre_hook(pre_layer)]
+
+
+def _expert_hooks(targets: list[tuple[Target, LinearCapture]], tokens: dict[int, list[int]]) -> list[Any]:
+    """For fused experts, whose matrices are not modules: one pre-hook per experts module that
+    recomputes each expert's down_proj input from the module's own inputs (hidden states and the
+    router's top-k choice) and feeds the ``X^T X`` of the targets on those views; it also counts
+    the tokens each expert receives (for the log)."""
+    from llmc_core.layer_ops import expert_down_input, expert_routing
+
+    by_module: dict[int, tuple[torch.nn.Module, dict[int, LinearCapture]]] = {}
+    for t, cap in targets:
+        view = t.layers[0]
+        by_module.setdefault(id(view.module), (view.module, {}))[1][view.index] = cap
+
+    def make(module: torch.nn.Module, caps: dict[int, LinearCapture]):
+        n_experts = getattr(module, "num_experts", None) or module.down_proj.shape[0]
+        tokens[id(module)] = [0] * n_experts
+
+        def pre(mod, args, kwargs):
+            call = {**dict(zip(("hidden_states", "top_k_index"), args)), **kwargs}
+            x, top_k = call["hidden_states"], call["top_k_index"]
+            for e, idx in enumerate(expert_routing(top_k, n_experts)):
+                tokens[id(module)][e] += int(idx.numel())
+                if e in caps and idx.numel():
+                    x2 = caps[e].act.add(expert_down_input(mod, x[idx], e))
+                    caps[e].gram.addmm_(x2.T, x2)
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    return [make(m, caps) for m, caps in by_module.values()]
 
 
 def _clip_hooks(layers: dict[str, tuple[torch.nn.Linear, int]], out: dict[str, tuple[torch.Tensor, int]], step: int, offset: list[int]) -> list[Any]:
@@ -185,14 +223,20 @@ def capture_block(ctx: Any, targets: list[Target], clip_layers: dict[str, tuple[
     :data:`CHUNK_TOKENS` tokens), so each recorded call is one sub-batch."""
     cap = BlockCapture()
     handles: list[Any] = []
+    experts: list[tuple[Target, LinearCapture]] = []
     for t in targets:
         if t.linear:
             layer = t.layers[0]
             cap.linears[t.name] = LinearCapture(torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device))
-            handles += _linear_hooks(layer, cap.linears[t.name])
+            if isinstance(layer, torch.nn.Module):
+                handles += _linear_hooks(layer, cap.linears[t.name])
+            else:
+                experts.append((t, cap.linears[t.name]))
         else:
             cap.modules[t.name] = ModuleCapture()
             handles += _module_hooks(t, cap.modules[t.name], dtype)
+    if experts:
+        handles += _expert_hooks(experts, cap.expert_tokens)
     offset = [0]
     if clip_layers:
         total = sum(h.shape[0] * h.shape[1] for h in ctx.inputs)

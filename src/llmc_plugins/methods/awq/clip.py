@@ -16,8 +16,9 @@ import torch
 
 from llmc_core.quant.fake import fake_quantize_
 
-# Layers the anchors never clip (queries and keys feed a softmax, where clipping hurts).
-NO_CLIP = ("q_", "k_", "query", "key", "Wqkv")
+# Layers the anchors never clip (queries and keys feed a softmax, where clipping hurts); a fused
+# qkv_proj (Phi-3) holds the queries and keys too.
+NO_CLIP = ("q_", "k_", "query", "key", "Wqkv", "qkv_proj")
 
 
 def clippable(name: str) -> bool:

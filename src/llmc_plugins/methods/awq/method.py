@@ -165,11 +165,16 @@ class Awq(Method):
         super().check_model(adapter)
         blocks = adapter.blocks()
         try:
-            adapter.linear_groups(blocks[0])
+            for block in blocks:
+                adapter.linear_groups(block)
         except NotImplementedError as exc:
             raise LlmcError(f"quant.method: AWQ needs the model's linear groups, and {exc}. Use a supported model.type (llmc plugins lists them) or quant.method: RTN.") from exc
+        except (KeyError, ValueError) as exc:
+            raise LlmcError(f"quant.method: AWQ cannot resolve the model family's layer mappings: {exc}. The model.type does not fit this checkpoint; use model.type: auto, or quant.method: RTN.") from exc
 
     def transform_block(self, ctx: Any) -> None:
+        import torch
+
         from llmc_plugins.methods.awq import capture
         from llmc_plugins.methods.awq.clip import clip_group_size, clippable
 
@@ -177,15 +182,17 @@ class Awq(Method):
         targets = self._targets(ctx) if opts.trans else []
         linears = ctx.adapter.quant_linears(ctx.block)
         clip_layers = {}
-        if opts.weight_clip:
-            clip_layers = {n: (m, clip_group_size(self.weight, m.in_features)) for n, m in linears.items() if clippable(n)}
+        if opts.weight_clip:  # fused expert views are not modules whose inputs can be hooked: not clipped
+            clip_layers = {n: (m, clip_group_size(self.weight, m.in_features)) for n, m in linears.items() if clippable(n) and isinstance(m, torch.nn.Module)}
         first = next(iter(linears.values()))
         dtype = self._search_dtype(first)
         cap = capture.capture_block(ctx, [t for t, _ in targets], clip_layers, opts.clip_tokens, None if dtype == first.weight.dtype else dtype, opts.awq_bs)
         folded: dict[str, Any] = {}
         for target, group in targets:
             s = self._scale_group(ctx, target, group, cap, dtype)
-            folded.update(dict.fromkeys(group.layers, s))
+            if s is not None:
+                folded.update(dict.fromkeys(group.layers, s))
+        self._log_expert_tokens(ctx, cap)
         changed = False
         if opts.weight_clip:
             changed = self._clip_block(ctx, clip_layers, cap, folded) and opts.clip_version == "v1"
@@ -256,27 +263,28 @@ class Awq(Method):
     # -- scale search ----------------------------------------------------------------------------
 
     def _targets(self, ctx: Any) -> list[tuple[Any, Any]]:
-        """The adapter's linear groups resolved to modules (skipped ones logged), with their groups."""
+        """The adapter's linear groups resolved to weights (skipped ones logged), with their groups."""
         from llmc_plugins.methods.awq import scale_search as ss
         from llmc_plugins.methods.awq.capture import Target
 
-        block, out = ctx.block, []
-        for group in ctx.adapter.linear_groups(block):
+        block, adapter, out = ctx.block, ctx.adapter, []
+        for group in adapter.linear_groups(block):
             reason = group.extra.get("skip")
             if reason:
                 log.info("block %d %s: skipped (%s)", ctx.index, group.name, reason)
                 self.log.append({"block": ctx.index, "group": group.name, "skipped": reason})
                 continue
-            layers = [block.get_submodule(n) for n in group.layers]
-            size = ss.fold_target_size(block.get_submodule(group.prev))
+            layers = [adapter.get(block, n) for n in group.layers]
+            size = ss.fold_target_size(adapter.get(block, group.prev))
             if size != layers[0].in_features:
                 raise LlmcError(f"AWQ: cannot fold scales of group '{group.name}' into {group.prev} ({size} outputs) for layers with {layers[0].in_features} inputs; the model adapter's linear groups are wrong for this model.")
-            inspect = block.get_submodule(group.inspect or group.layers[0])
+            inspect = layers[0] if group.inspect in ("", group.layers[0]) else adapter.get(block, group.inspect)
             out.append((Target(group.name, inspect, layers, linear=len(layers) == 1 and inspect is layers[0]), group))
         return out
 
     def _scale_group(self, ctx: Any, target: Any, group: Any, cap: Any, dtype: Any) -> Any:
-        """Search ``target``'s scales on what ``cap`` recorded, fold the best; returns it."""
+        """Search ``target``'s scales on what ``cap`` recorded, fold the best; returns it (None
+        for an expert that received no calibration tokens)."""
         import torch
 
         from llmc_plugins.methods.awq import scale_search as ss
@@ -286,6 +294,10 @@ class Awq(Method):
         w_mean = ss.weight_mean(layers, self.weight) if self.options.trans_version == "v1" else None
         if target.linear:
             lin = cap.linears.pop(target.name)
+            if lin.act.count == 0:  # an expert no calibration token reached: RTN quantizes it as it is
+                log.info("block %d %s: skipped (no calibration tokens reached this expert)", ctx.index, group.name)
+                self.log.append({"block": ctx.index, "group": group.name, "skipped": "no calibration tokens"})
+                return None
             cand = ss.candidates(lin.act.mean(), w_mean, self.options.n_grid)
             losses = ss.linear_losses(layers[0], lin.gram, lin.act.count, cand, self.weight)
         else:
@@ -295,7 +307,8 @@ class Awq(Method):
         best = int(torch.argmin(losses))
         identity = cand.alphas.index(None) if None in cand.alphas else 0
         s = cand.scales[best]
-        ss.fold_scales(ctx.block.get_submodule(group.prev), layers, s)
+        adapter = ctx.adapter
+        ss.fold_scales(adapter.get(ctx.block, group.prev), layers, s, adapter.norm_offset, tuple(adapter.get(ctx.block, n) for n in group.also_scale))
         alpha, loss, rtn = cand.alphas[best], float(losses[best]), float(losses[identity])
         seconds = time.perf_counter() - start
         shown = "identity" if alpha is None else f"{alpha:.2f}"
@@ -305,6 +318,12 @@ class Awq(Method):
             for n in group.layers:
                 self.scales[f"{ctx.prefix}.{n}"] = s.detach().cpu()
         return s
+
+    def _log_expert_tokens(self, ctx: Any, cap: Any) -> None:
+        for counts in cap.expert_tokens.values():
+            few = sum(c < MIN_EXPERT_TOKENS for c in counts)
+            log.info("block %d experts: %d of %d got fewer than %d calibration tokens (min %d, max %d); all are quantized", ctx.index, few, len(counts), MIN_EXPERT_TOKENS, min(counts), max(counts))
+            self.log.append({"block": ctx.index, "group": "experts", "tokens": counts, "few_tokens": few})
 
     def _search_dtype(self, layer: Any) -> Any:
         import torch
@@ -355,6 +374,9 @@ class Awq(Method):
         return kept
 
 
+# An expert with fewer calibration tokens than this is counted in the log (its scales rest on little data).
+MIN_EXPERT_TOKENS = 16
+
 # The clip check's block forwards use at most this many tokens of the calibration set (the first
 # samples): it is a guard against clipping that hurts the block, not a search, and two full-set
 # block forwards per block would cost as much as the scale search with 128 samples.
@@ -368,20 +390,21 @@ def block_quant_loss(ctx: Any, reference: list[Any], spec: Any, ranges: dict[str
     import torch
 
     from llmc_core.blockwise import sub_batches
+    from llmc_core.layer_ops import original_weight, set_weight
     from llmc_core.quant.fake import fake_quantize
 
     inputs, kwargs, kept = sub_batches(ctx.inputs, ctx.kwargs, max_tokens)
     linears = ctx.adapter.quant_linears(ctx.block)
-    originals = {n: m.weight.data for n, m in linears.items()}
+    originals = {n: original_weight(m) for n, m in linears.items()}
     try:
         with torch.no_grad():
             for n, m in linears.items():
                 w = ranges[n].apply(m.weight.data) if n in ranges else m.weight.data
-                m.weight.data = fake_quantize(w, spec)
+                set_weight(m, fake_quantize(w, spec))
             outs = ctx.forward(inputs, kwargs)
     finally:
         for n, m in linears.items():
-            m.weight.data = originals[n]
+            set_weight(m, originals[n])
     refs = [r[part] for r, part in zip(reference, kept)]
     total = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outs, refs))
     return total / sum(r.numel() for r in refs)

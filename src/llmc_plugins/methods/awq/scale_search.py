@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from llmc_core import layer_ops
+from llmc_core.layer_ops import original_weight, rebase, set_weight
 from llmc_core.quant.fake import fake_quantize_, group_view
 from llmc_plugins.methods.awq.capture import ModuleCapture, cast, chunks, first_tensor
 
@@ -102,12 +104,12 @@ def module_losses(inspect: torch.nn.Module, layers: list[torch.nn.Linear], cap: 
     if dtype is not None and dtype != layers[0].weight.dtype:
         import copy
 
-        names = {m: n for n, m in inspect.named_modules()}
-        inspect = copy.deepcopy(inspect).to(dtype)
-        layers = [inspect.get_submodule(names[layer]) for layer in layers]
+        copied = copy.deepcopy(inspect).to(dtype)
+        layers = [rebase(layer, inspect, copied) for layer in layers]
+        inspect = copied
         calls = [(cast(a, dtype), cast(kw, dtype)) for a, kw in calls]  # no-op when captured in dtype
         refs = [torch.cat([first_tensor(inspect(*a, **kw)) for a, kw in chunks(args, kwargs, awq_bs)]) for args, kwargs in calls]
-    originals = [layer.weight.data for layer in layers]
+    originals = [original_weight(layer) for layer in layers]
     numel = sum(o.numel() for o in refs)
     losses = torch.zeros(len(cand.alphas), dtype=torch.float64)
     try:
@@ -115,7 +117,7 @@ def module_losses(inspect: torch.nn.Module, layers: list[torch.nn.Linear], cap: 
             # One candidate's weights at a time (elementwise, so the same values as a batched call):
             # memory stays one layer per layer whatever n_grid is.
             for layer, w in zip(layers, originals):
-                layer.weight.data = quantized_weights(w, cand.scales[p : p + 1], spec)[0].to(w.dtype)
+                set_weight(layer, quantized_weights(w, cand.scales[p : p + 1], spec)[0].to(w.dtype))
             total = 0.0
             for (args, kwargs), ref in zip(calls, refs):
                 start = 0
@@ -127,7 +129,7 @@ def module_losses(inspect: torch.nn.Module, layers: list[torch.nn.Linear], cap: 
             losses[p] = total / numel
     finally:
         for layer, w in zip(layers, originals):
-            layer.weight.data = w
+            set_weight(layer, w)
     return losses
 
 
@@ -145,24 +147,13 @@ def linear_losses(layer: torch.nn.Linear, gram: torch.Tensor, tokens: int, cand:
     return torch.cat(losses) / (tokens * w.shape[0])
 
 
-@torch.no_grad()
-def fold_scales(prev: torch.nn.Module, layers: list[torch.nn.Linear], s: torch.Tensor) -> None:
-    """Fold ``s`` in exactly: ``prev``'s output channels are divided by ``s`` (a norm's weight and
-    bias, or a linear layer's rows and bias) and each layer's input columns multiplied by ``s``."""
-    s = s.to(prev.weight.device)
-    if isinstance(prev, torch.nn.Linear):
-        prev.weight.div_(s.view(-1, 1).to(prev.weight.dtype))
-    else:
-        prev.weight.div_(s.to(prev.weight.dtype))
-    if getattr(prev, "bias", None) is not None:
-        prev.bias.div_(s.to(prev.bias.dtype))
-    for layer in layers:
-        layer.weight.mul_(s.view(1, -1).to(layer.weight.dtype))
+def fold_scales(prev: Any, layers: list[Any], s: torch.Tensor, norm_offset: float = 0.0, also_scale: tuple[Any, ...] = ()) -> None:
+    """Fold ``s`` in exactly (see :func:`llmc_core.layer_ops.fold_scales`, the one implementation)."""
+    layer_ops.fold_scales(prev, layers, s, norm_offset, also_scale)
 
 
-def fold_target_size(prev: torch.nn.Module) -> int | None:
-    """How many channels ``prev`` produces (None when it is neither a linear layer nor a norm)."""
-    if isinstance(prev, torch.nn.Linear):
-        return prev.out_features
-    w = getattr(prev, "weight", None)
-    return w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 1 else None
+def fold_target_size(prev: Any) -> int | None:
+    """How many channels ``prev`` produces (None when it is neither a linear layer, a fused part nor a norm)."""
+    if isinstance(prev, tuple) or isinstance(prev, (torch.nn.Linear, layer_ops.ExpertWeight)) or layer_ops.is_norm(prev):
+        return layer_ops.output_width(prev)
+    return None
