@@ -116,7 +116,12 @@ def test_file_write_fsyncs_file_and_parent_and_replaces_atomically(tmp_path, mon
         assert path.read_text() == "old"  # nothing visible until the write is complete
     assert path.read_text() == "new"
     assert path.stat().st_ino in inodes and tmp_path.stat().st_ino in inodes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    with atomic_file(tmp_path / "private", overwrite=False) as tmp:
+        tmp.touch(mode=0o600)  # as safetensors' writer does
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["private", "results.json"]
 
 
 def test_file_write_refuses_an_existing_file_and_cleans_up_on_error(tmp_path):

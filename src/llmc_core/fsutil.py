@@ -46,6 +46,7 @@ def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(3)}")
     try:
         yield tmp
+        tmp.chmod(0o666 & ~_umask())  # an ordinary file, whatever the writer chose (safetensors: 0600)
         _fsync_path(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -142,6 +143,12 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot exchange
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _alive(pid: int) -> bool:

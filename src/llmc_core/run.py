@@ -173,6 +173,7 @@ class Run:
 
         c = self.config.calib
         rows = self.calib_rows if self.calib_rows is not None else self.read_calibration_rows()
+        self.calib_rows = None  # a large corpus is not kept for the rest of the run
         samples = self.manager.get("preproc", c.preproc, "calib.preproc")().samples(rows, self.tokenizer, c.n_samples, c.seq_len, c.seed)
         if not samples:
             raise LlmcError(f"calib: the dataset at {c.path} gave no samples of {c.seq_len} tokens. Use more text or a smaller calib.seq_len.")
