@@ -100,6 +100,17 @@ def test_bad_options_are_one_line_each(tiny_model_dir, tiny_text_file, tmp_path,
     assert len(lines) == 1 and lines[0].startswith(expected), lines
 
 
+def test_existing_output_path_is_refused_unless_overwrite(tiny_model_dir, tiny_text_file, tmp_path, task_dir):
+    out = tmp_path / "lm_out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")  # an earlier run's results
+    cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", lm_eval=lm_section(task_dir, output_path=str(out)))
+    (line,) = problems(cfg)
+    assert line.startswith(f"lm_eval.output_path: {out} already exists and is not empty") and "save.overwrite: true" in line
+    cfg["save"]["overwrite"] = True
+    validate(cfg)
+
+
 def test_missing_include_path_exits_2_before_the_model_loads(llmc_cli, tmp_path, tiny_model_dir, tiny_text_file, task_dir):
     missing = tmp_path / "no_tasks_here"
     cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", lm_eval=lm_section(task_dir, include_path=str(missing)))

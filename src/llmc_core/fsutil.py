@@ -26,6 +26,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from llmc_core.errors import LlmcError
 
@@ -180,3 +181,18 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             _fsync_path(Path(dirpath) / name)
         fsync_dir(Path(dirpath))
+
+
+def output_folder_problem(where: str, folder: str | Path | None, run_config: Any, what: str) -> str | None:
+    """The one rule for a plugin's own output folder (``opencompass.output_path``,
+    ``lm_eval.output_path``): a file there, or an existing non-empty folder without
+    ``save.overwrite: true`` (or ``llmc run --resume``), is a problem line naming ``where``."""
+    if folder is None:
+        return None
+    out = Path(folder).expanduser()
+    if out.exists() and not out.is_dir():
+        return f"{where}: {out} is a file. Give a folder for {what}."
+    may_overwrite = bool(getattr(run_config.save, "overwrite", False)) or bool(getattr(run_config, "resume", False))
+    if out.is_dir() and any(out.iterdir()) and not may_overwrite:
+        return f"{where}: {out} already exists and is not empty. Choose a new path, or set save.overwrite: true to write this run's {what} there too."
+    return None

@@ -63,6 +63,18 @@ def find_weights(block: torch.nn.Module) -> dict[str, Any]:
     return out
 
 
+def weight_of(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The weight a quantized layer's full name denotes: a linear layer's ``weight``, or for a
+    :func:`find_weights` expert name ``<module>.<expert>.<param>`` that expert's ``[out, in]`` slice."""
+    try:
+        return model.get_submodule(name).weight
+    except AttributeError:
+        module, index, param = name.rsplit(".", 2)
+        if not index.isdigit():
+            raise
+        return getattr(model.get_submodule(module), param)[int(index)]
+
+
 def other_matrices(block: torch.nn.Module) -> list[str]:
     """Names (inside ``block``) of 2-D parameters that are not in a linear layer, e.g. MoE routers."""
     return [f"{n}.{p}" if n else p for n, m in block.named_modules() if not isinstance(m, torch.nn.Linear) for p, t in m.named_parameters(recurse=False) if t.dim() == 2]

