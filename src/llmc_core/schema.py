@@ -6,6 +6,8 @@ is the config of a plugin that takes none. :mod:`llmc_core.api` re-exports both 
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -17,3 +19,20 @@ class StrictModel(BaseModel):
 
 class NoOptions(StrictModel):
     """The config of a plugin that takes no options."""
+
+
+def reject_unsupported(data: Any, unsupported: dict[str, str], owner: str) -> Any:
+    """For a ``mode="before"`` validator: refuse any key of ``unsupported`` (key -> why) in
+    ``data`` with ``'<key>' is not supported by <owner>: <why>``; return ``data`` otherwise."""
+    if isinstance(data, dict):
+        for key, why in unsupported.items():
+            if key in data:
+                raise ValueError(f"'{key}' is not supported by {owner}: {why}")
+    return data
+
+
+def unique(value: list[str]) -> list[str]:
+    """For a list-of-positions field validator: each entry once."""
+    if len(set(value)) != len(value):
+        raise ValueError("list each position once")
+    return value

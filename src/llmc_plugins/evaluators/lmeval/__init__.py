@@ -44,6 +44,7 @@ from pydantic import Field, field_validator
 from llmc_core import hookimpl
 from llmc_core.api import Evaluator, StrictModel
 from llmc_core.errors import LlmcError
+from llmc_core.schema import unique
 
 Position = Literal["pretrain", "transformed", "fake_quant", "real_quant"]
 
@@ -73,9 +74,7 @@ class LmEvalConfig(StrictModel):
     @field_validator("eval_mode")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("list each position once")
-        return value
+        return unique(value)
 
     @field_validator("batch_size")
     @classmethod

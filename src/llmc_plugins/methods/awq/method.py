@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 
 from llmc_core.api import Method, StrictModel
 from llmc_core.errors import LlmcError
+from llmc_core.schema import reject_unsupported
 
 log = logging.getLogger("llmc.awq")
 
@@ -48,11 +49,7 @@ class AwqConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _reject_unsupported(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key, why in UNSUPPORTED.items():
-                if key in data:
-                    raise ValueError(f"'{key}' is not supported by llmc's AWQ: {why}")
-        return data
+        return reject_unsupported(data, UNSUPPORTED, "llmc's AWQ")
 
     @model_validator(mode="after")
     def _paths_when_saving(self) -> AwqConfig:

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from llmc_core.api import Method, StrictModel
 from llmc_core.errors import LlmcError
+from llmc_core.schema import reject_unsupported
 from llmc_plugins.methods.awq.method import AwqConfig
 
 log = logging.getLogger("llmc.gptq")
@@ -45,11 +46,7 @@ class GptqConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _reject_unsupported(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key, why in UNSUPPORTED.items():
-                if key in data:
-                    raise ValueError(f"'{key}' is not supported by llmc's GPTQ: {why}")
-        return data
+        return reject_unsupported(data, UNSUPPORTED, "llmc's GPTQ")
 
 
 class Gptq(Method):
