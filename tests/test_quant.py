@@ -92,3 +92,59 @@ def test_group_size_that_does_not_divide_names_layer_and_fits():
 def test_spec_rejects_group_size_with_per_channel():
     with pytest.raises(ValueError):
         QuantSpec(bit=4, granularity="per_channel", group_size=64)
+
+
+# -- calib_algo: mse ------------------------------------------------------------------------------
+
+
+def reference_mse(w: torch.Tensor, bit: int, group: int, symmetric: bool) -> torch.Tensor:
+    """Group by group, every shrink factor 1, 0.99, ..., 0.21 of the min-max range, keeping the
+    first with the smallest sum |w - q(w)|^2.4 (the GPTQ reference quantizer's mse search)."""
+    out = torch.empty_like(w)
+    for r in range(w.shape[0]):
+        for c in range(0, w.shape[1], group):
+            g = w[r, c : c + group]
+            best, best_q = float("inf"), None
+            for i in range(80):
+                p = 1 - i / 100
+                if symmetric:
+                    qmax, qmin = 2 ** (bit - 1) - 1, -(2 ** (bit - 1))
+                    s = max(float(g.abs().max()) * p, 1e-5) / qmax
+                    q = torch.clamp(torch.round(g / s), qmin, qmax) * s
+                else:
+                    qmax = 2**bit - 1
+                    lo, hi = float(g.min()) * p, float(g.max()) * p
+                    s = max(hi - lo, 1e-5) / qmax
+                    z = min(max(round(-lo / s), 0), qmax)
+                    q = (torch.clamp(torch.round(g / s) + z, 0, qmax) - z) * s
+                err = float((q - g).abs().pow(2.4).sum())
+                if err < best:
+                    best, best_q = err, q
+            out[r, c : c + group] = best_q
+    return out
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_range_matches_an_independent_search(symmetric):
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    w[0, 5] = 9.0  # an outlier: the full range wastes most levels of that group
+    spec = QuantSpec(bit=3, symmetric=symmetric, group_size=16, calib_algo="mse")
+    got = fake_quantize(w, spec)
+    assert torch.allclose(got, reference_mse(w, 3, 16, symmetric), atol=1e-5)
+    assert torch.equal(quantize_weight(w, spec).dequantize(), got)
+
+
+def test_mse_never_loses_to_minmax_per_group_and_wins_overall():
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(4))
+    minmax, mse = (fake_quantize(w, QuantSpec(bit=4, group_size=32, calib_algo=a)) for a in ("minmax", "mse"))
+    err = lambda q: (q - w).abs().pow(2.4).reshape(8, 4, 32).sum(-1)  # noqa: E731
+    assert (err(mse) <= err(minmax) + 1e-6).all()
+    assert err(mse).sum() < 0.97 * err(minmax).sum()  # Gaussian groups: a shrunk range fits better
+    assert torch.equal(minmax, fake_quantize(w, QuantSpec(bit=4, group_size=32)))  # minmax is the default
+
+
+def test_calib_algo_learnable_and_unknown_values_are_refused():
+    with pytest.raises(ValueError, match="learnable .* is not implemented; use minmax or mse"):
+        QuantSpec(bit=4, group_size=64, calib_algo="learnable")
+    with pytest.raises(ValueError, match="minmax"):
+        QuantSpec(bit=4, group_size=64, calib_algo="kl")

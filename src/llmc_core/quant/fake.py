@@ -44,6 +44,41 @@ def qparams(wg: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None = No
     return scale, zero
 
 
+# ``calib_algo: mse``: shrink factors 1, 1 - 1/GRID, ... (MSE_STEPS of them), error norm NORM; the
+# GPTQ reference quantizer's and ModelTC/llmc's settings.
+MSE_GRID, MSE_STEPS, MSE_NORM = 100, 80, 2.4
+MSE_CHUNK = 1 << 22  # elements of the weight searched at a time (16 MB in float32)
+
+
+def weight_range(wg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(max_val, min_val)`` for :func:`qparams` under ``spec.calib_algo``: ``(None, None)`` (the
+    groups' own min and max) for ``minmax``; for ``mse`` the min-max range of each group shrunk
+    by the factor that minimises ``sum |w - q(w)|^MSE_NORM`` over the group (first minimum wins,
+    so a group that no shrink helps keeps its full range)."""
+    if getattr(spec, "calib_algo", "minmax") != "mse":
+        return None, None
+    rows = max(1, MSE_CHUNK // max(1, wg.shape[-1]))  # a few temporaries of this size, whatever the layer
+    parts = [_mse_range(part.float(), spec) for part in wg.split(rows, dim=-2)]
+    return torch.cat([hi for hi, _ in parts], dim=-2), torch.cat([lo for _, lo in parts], dim=-2)
+
+
+def _mse_range(wg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    hi0 = wg.abs().amax(dim=-1, keepdim=True) if spec.symmetric else wg.amax(dim=-1, keepdim=True)
+    lo0 = -hi0 if spec.symmetric else wg.amin(dim=-1, keepdim=True)
+    best_err = torch.full_like(hi0, float("inf"))
+    best_hi, best_lo = hi0.clone(), lo0.clone()
+    for i in range(MSE_STEPS):
+        p = 1 - i / MSE_GRID
+        hi, lo = hi0 * p, lo0 * p
+        scale, zero = qparams(wg, spec, hi, lo)
+        err = quantize_grouped(wg, scale, zero, spec).sub_(zero).mul_(scale).sub_(wg).abs_().pow_(MSE_NORM).sum(dim=-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_hi = torch.where(better, hi, best_hi)
+        best_lo = torch.where(better, lo, best_lo)
+    return best_hi, best_lo
+
+
 def _stored_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``scale`` as the export format stores it (``spec.scale_dtype``), kept in float32."""
     if getattr(spec, "scale_dtype", "float32") != "float16":
@@ -58,8 +93,11 @@ def quantize_grouped(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None = None, min_val: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize then dequantize ``w`` (``[..., out, in]``); returns a tensor of ``w``'s shape and dtype."""
+    """Quantize then dequantize ``w`` (``[..., out, in]``); returns a tensor of ``w``'s shape and dtype.
+    Without ``max_val``/``min_val`` the range follows ``spec.calib_algo`` (as :func:`quantize_weight`)."""
     wg = group_view(w.float(), spec)
+    if max_val is None and min_val is None:
+        max_val, min_val = weight_range(wg, spec)
     scale, zero = qparams(wg, spec, max_val, min_val)
     q = quantize_grouped(wg, scale, zero, spec)
     return ((q - zero) * scale).reshape(w.shape).to(w.dtype)
@@ -99,7 +137,7 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest quantization of a ``[out, in]`` weight into a :class:`QuantizedWeight`."""
     out_f, in_f = w.shape
     wg = group_view(w.detach().float(), spec)
-    scale, zero = qparams(wg, spec)
+    scale, zero = qparams(wg, spec, *weight_range(wg, spec))
     q = quantize_grouped(wg, scale, zero, spec)
     cols = 1 if spec.granularity == "per_tensor" else wg.shape[0] // out_f
     shape = (1, 1) if spec.granularity == "per_tensor" else (out_f, cols)
@@ -112,7 +150,7 @@ def column_qparams(cols: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, t
     column by column (GPTQ): the slice is one group's columns (``per_group``), or the whole weight
     (``per_channel``: ``[out, 1]`` each; ``per_tensor``: ``[1, 1]``). Same rule as :func:`qparams`."""
     wg = cols.float().reshape(1, -1) if spec.granularity == "per_tensor" else cols.float()
-    return qparams(wg, spec)
+    return qparams(wg, spec, *weight_range(wg, spec))
 
 
 def quantize_columns(cols: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

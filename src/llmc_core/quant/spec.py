@@ -21,6 +21,12 @@ class QuantSpec(StrictModel):
     - ``quant_type``: only ``int-quant`` (accepted for ModelTC/llmc configs).
     - ``scale_dtype``: ``float32`` (default) or ``float16``: round every scale to float16, as int4
       formats (AWQ GEMM) store them, so the fake-quantized model equals the exported one exactly.
+    - ``calib_algo``: how a group's range is chosen when a method does not choose it itself
+      (ModelTC/llmc's key). ``minmax`` (default): the group's min and max. ``mse``: the range
+      shrunk by the factor in ``1, 0.99, ..., 0.21`` that minimises ``sum |w - q(w)|^2.4`` per
+      group (the GPTQ reference's ``mse`` quantizer; 80 quantizations per weight, weight-only).
+      Used by RTN, by GPTQ's group parameters and by AWQ's final rounding; AWQ's own scale and
+      clip searches keep min-max inside the search.
     """
 
     bit: int = Field(ge=2, le=8)
@@ -29,6 +35,14 @@ class QuantSpec(StrictModel):
     group_size: int | None = Field(default=None, gt=0)
     quant_type: Literal["int-quant"] = "int-quant"
     scale_dtype: Literal["float32", "float16"] = "float32"
+    calib_algo: Literal["minmax", "mse"] = "minmax"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _learnable_is_not_here(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("calib_algo") == "learnable":
+            raise ValueError("calib_algo: learnable (OmniQuant-style learned clipping) is not implemented; use minmax or mse")
+        return data
 
     @model_validator(mode="after")
     def _group_size_matches_granularity(self) -> QuantSpec:
@@ -48,4 +62,5 @@ class QuantSpec(StrictModel):
 
     def describe(self) -> str:
         g = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
-        return f"w{self.bit} {g} {'sym' if self.symmetric else 'asym'}"
+        mse = " mse" if self.calib_algo == "mse" else ""
+        return f"w{self.bit} {g} {'sym' if self.symmetric else 'asym'}{mse}"
