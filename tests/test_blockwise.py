@@ -57,3 +57,45 @@ def test_blocks_of_another_attention_type_get_their_own_keyword_inputs():
     outs = run_blocks(adapter, inputs, kwargs, torch.device("cpu"))
     with torch.no_grad():
         torch.testing.assert_close(model.model.norm(outs[0]), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_block_context_holds_the_blocks_real_inputs():
+    """``llmc_core.testing.block_context``: block 1's context, with the hidden states that reach it in
+    the full model, ready for a method's transform_block / quantize_block."""
+    from llmc_core.api import Method
+    from llmc_core.quant import QuantSpec
+    from llmc_core.testing import block_context
+
+    model = tiny_llama(layers=3)
+    ctx = block_context(model, index=1, n_samples=2, seq_len=16)
+    assert (ctx.index, ctx.prefix, ctx.block) == (1, "model.layers.1", model.model.layers[1])
+    assert len(ctx.inputs) == len(ctx.kwargs) == 1 and ctx.inputs[0].shape == (2, 16, 64)
+    ids = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(ctx.inputs[0], hidden[1])  # block 0's output
+    torch.testing.assert_close(ctx.forward()[0], hidden[2])
+
+    quantized = Method(None, QuantSpec(bit=4, group_size=32)).quantize_block(ctx)  # the default: RTN
+    assert sorted(quantized) == sorted(f"model.layers.1.{n}" for n in ctx.adapter.quant_linears(ctx.block))
+    q = quantized["model.layers.1.mlp.down_proj"]
+    assert q.codes.shape == (64, 128) and q.scales.shape == q.zeros.shape == (64, 128 // 32)
+    torch.testing.assert_close(model.model.layers[1].mlp.down_proj.weight, q.dequantize())
+
+
+def test_a_large_batch_is_forwarded_in_slices_with_the_same_outputs(monkeypatch):
+    """``calib.bs: -1`` puts every sample in one batch: the block sees at most FORWARD_TOKENS
+    tokens per call (whole samples), and the outputs equal one call on the whole batch."""
+    from llmc_core import blockwise
+    from llmc_core.testing import block_context
+
+    model = tiny_llama(layers=2)
+    ctx = block_context(model, index=1, n_samples=5, seq_len=16)
+    whole = ctx.forward()[0]
+    calls = []
+    handle = ctx.block.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(blockwise, "FORWARD_TOKENS", 32)  # two samples of 16 tokens per call
+    sliced = ctx.forward()[0]
+    handle.remove()
+    assert calls == [2, 2, 1]
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)

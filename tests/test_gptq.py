@@ -29,6 +29,7 @@ SPECS = [
     QuantSpec(bit=4, symmetric=False, granularity="per_channel"),
     QuantSpec(bit=8, symmetric=True, granularity="per_tensor"),
     QuantSpec(bit=2, symmetric=False, granularity="per_group", group_size=16, scale_dtype="float16"),
+    QuantSpec(bit=3, symmetric=False, granularity="per_group", group_size=16, calib_algo="mse"),
 ]
 
 
@@ -320,8 +321,10 @@ def test_interrupted_run_resumes_to_the_same_model(quant_out, tmp_path, tiny_tex
     assert stopped.exit_code == 130 and "1 block(s) kept" in stopped.stderr, stopped.stderr
     resumed = run_cli("run", str(cfg), "--resume", "-q")
     assert resumed.exit_code == 0, resumed.stderr
-    wa, wb = load_file(ref_out / "fake_quant_model" / "model.safetensors"), load_file(out / "fake_quant_model" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+    for file in ("model.safetensors", "llmc_qparams.safetensors"):  # the weights, and the codes/scales/g_idx beside them
+        wa, wb = load_file(ref_out / "fake_quant_model" / file), load_file(out / "fake_quant_model" / file)
+        assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa), file
+    assert any(k.endswith(".g_idx") for k in wa)  # act-order without static groups: the layout the checkpoint must keep
     assert read_results(out) == read_results(ref_out)
 
 

@@ -79,7 +79,7 @@ def problems(cfg: dict) -> list[str]:
 
 def test_valid_section_resolves_to_the_step(tiny_model_dir, tiny_text_file, tmp_path, task_dir):
     cfg = validate(run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", lm_eval=lm_section(task_dir, tasks="tiny_choice, tiny_*", limit=0.5)))
-    step, options = cfg.extras["lm_eval"]
+    step, options = cfg.steps["lm_eval"]
     assert step.name == "lm_eval" and options.tasks == ["tiny_choice", "tiny_*"] and options.include_path == [str(task_dir)]
     assert options.limit == 0.5 and step.positions(options) == ["pretrain", "fake_quant"]
     assert cfg.positions() == {"pretrain", "fake_quant"} and cfg.positions(steps=True) == {"pretrain", "fake_quant"}

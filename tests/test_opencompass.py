@@ -285,7 +285,7 @@ def test_quickstart_config_validates(monkeypatch, tmp_path, shared_data, smollm2
     monkeypatch.setenv("LLMC_OUT", str(tmp_path))
     monkeypatch.setenv("LLMC_DATA", str(shared_data))
     cfg = config.load("configs/quickstart/awq_w4g64_smollm2_opencompass.yml")
-    step, options = cfg.extras["opencompass"]
+    step, options = cfg.steps["opencompass"]
     assert step.name == "opencompass" and cfg.save.save_trans
     assert (options.max_num_workers, options.eval_mode, options.test_range) == (2, ["fake_quant"], "[0:4]")
     assert {"pretrain", "fake_quant"} <= cfg.positions() and cfg.quant.method == "awq"
@@ -324,13 +324,13 @@ def test_timeouts_are_validated(tmp_path, tiny_model_dir, tiny_text_file, monkey
     monkeypatch.setattr(checks, "install_problems", lambda python: [])
     lines = _problems(_run_cfg(tmp_path, tiny_model_dir, tiny_text_file, **{key: value}))
     assert any(f"opencompass.{key}" in line for line in lines), lines
-    _, options = validate(_run_cfg(tmp_path, tiny_model_dir, tiny_text_file, **{key: 90})).extras["opencompass"]
+    _, options = validate(_run_cfg(tmp_path, tiny_model_dir, tiny_text_file, **{key: 90})).steps["opencompass"]
     assert getattr(options, key) == 90.0
 
 
 def test_timeout_default_is_generous(tmp_path, tiny_model_dir, tiny_text_file, monkeypatch):
     monkeypatch.setattr(checks, "install_problems", lambda python: [])
-    _, options = validate(_run_cfg(tmp_path, tiny_model_dir, tiny_text_file)).extras["opencompass"]
+    _, options = validate(_run_cfg(tmp_path, tiny_model_dir, tiny_text_file)).steps["opencompass"]
     assert options.timeout >= 3600 and options.humaneval_timeout == 3.0
 
 

@@ -10,7 +10,8 @@ import torch
 
 from llmc_core import config
 from llmc_core.run import Run
-from llmc_core.testing import run_cli, run_config
+from llmc_core import hookimpl
+from llmc_core.testing import registered, run_cli, run_config
 
 
 def _ppl(model, ids, seq_len):
@@ -132,3 +133,43 @@ def test_inference_per_block_gives_same_ppl(tiny_model_dir, tiny_text_file, tmp_
     base["save"]["save_path"] = str(tmp_path / "b")
     per_block = Run(config.validate(base)).execute()[0].value
     assert per_block == pytest.approx(whole, rel=1e-5)
+
+
+class _QuantOutProbe:
+    """A method plugin that records ``ctx.quant_out`` in each call (RTN's rounding otherwise)."""
+
+    seen: list[tuple[str, int, bool]] = []
+
+    @hookimpl
+    def llmc_register_methods(self, register):
+        from llmc_core.api import Method
+
+        probe = self
+
+        class Probe(Method):
+            name = "quant_out_probe"
+
+            def transform_block(self, ctx):
+                probe.seen.append(("transform", ctx.index, ctx.quant_out))
+
+            def quantize_block(self, ctx):
+                probe.seen.append(("quantize", ctx.index, ctx.quant_out))
+                return super().quantize_block(ctx)
+
+        register(Probe)
+
+
+@pytest.mark.parametrize("quant_out", [True, False])
+def test_methods_see_quant_out_on_the_block_context(quant_out, tiny_model_dir, tiny_text_file, tmp_path):
+    probe = _QuantOutProbe()
+    probe.seen = []
+    raw = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", method="quant_out_probe")
+    raw["quant"]["quant_out"] = quant_out
+    raw["eval"]["eval_pos"] = ["fake_quant"]
+    with registered(probe, name="test:quant_out_probe"):
+        Run(config.validate(raw)).execute()
+    if quant_out:  # each block quantized right after its transform, in the same pass
+        expected = [("transform", 0, True), ("quantize", 0, True), ("transform", 1, True), ("quantize", 1, True)]
+    else:  # a separate quantize pass after the transform pass
+        expected = [("transform", 0, False), ("transform", 1, False), ("quantize", 0, False), ("quantize", 1, False)]
+    assert probe.seen == expected

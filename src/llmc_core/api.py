@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from llmc_core.schema import NoOptions, StrictModel
 
-__all__ = ["Dataset", "Evaluator", "Method", "ModelFamily", "NoOptions", "Plugin", "Preproc", "Saver", "StrictModel"]
+__all__ = ["DOWNSTREAM", "Dataset", "Evaluator", "Method", "ModelFamily", "NoOptions", "Plugin", "Preproc", "Saver", "Step", "StrictModel"]
 
 if TYPE_CHECKING:
     import torch
@@ -25,9 +25,11 @@ if TYPE_CHECKING:
     from llmc_core.blockwise import BlockContext
     from llmc_core.quant import QuantSpec
     from llmc_core.results import EvalRecord
-    from llmc_core.run import Run
+    from llmc_core.state import RunState
 
 log = logging.getLogger("llmc")
+
+DOWNSTREAM = "downstream"  # the position of a step that runs once, after the savers
 
 
 class Plugin:
@@ -174,16 +176,40 @@ class Method(Plugin):
 class Evaluator(Plugin):
     """Measures the model at the positions named in ``eval.eval_pos`` (``eval.type``)."""
 
-    def evaluate(self, run: Run, config: Any, position: str) -> list[EvalRecord]:
-        """Evaluate ``run.model`` and return one record per metric."""
+    def evaluate(self, state: RunState, config: Any, position: str) -> list[EvalRecord]:
+        """Evaluate ``state.model`` and return one record per metric."""
         raise NotImplementedError
+
+
+class Step(Plugin):
+    """A downstream evaluation that owns a top-level config section (``opencompass``, ``lm_eval``).
+
+    The section named :attr:`section` (default: the step's ``name``) is validated against
+    ``Config``; :meth:`check` then sees the whole validated run config. At each position that
+    :meth:`positions` returns, the run calls :meth:`evaluate`: at a model position (``pretrain``,
+    ``transformed``, ``fake_quant``, ``real_quant``) right after the ``eval`` sections there, or
+    at :data:`DOWNSTREAM`, once after the savers (the saved folders are in ``state.saved``).
+    """
+
+    section: ClassVar[str] = ""
+
+    @classmethod
+    def section_name(cls) -> str:
+        """The top-level config key this step owns."""
+        return cls.section or cls.name
+
+    def check(self, run_config: Any, options: Any) -> None:
+        """Raise :class:`~llmc_core.errors.LlmcError` (every problem, one line each) if the section
+        cannot work with this run config. Called at validation, before any model loads."""
 
     @staticmethod
     def positions(options: Any) -> list[str]:
-        """For a top-level step section (``opencompass``, ``lm_eval``): the positions at which
-        ``Run.evaluate`` runs it, right after the ``eval`` sections there. Empty (the default): it
-        runs once after the savers, with position ``"downstream"``."""
-        return []
+        """The positions at which the run calls :meth:`evaluate` (default: once after the savers)."""
+        return [DOWNSTREAM]
+
+    def evaluate(self, state: RunState, options: Any, position: str) -> list[EvalRecord]:
+        """Evaluate the run's model at ``position``; return one record per metric."""
+        raise NotImplementedError
 
 
 class Saver(Plugin):
@@ -191,9 +217,9 @@ class Saver(Plugin):
 
     The core hands :meth:`save` a fresh temporary folder and renames it into place when it returns,
     so a saver never deals with partial writes or existing folders. ``llmc export`` calls a
-    ``fake_quant`` saver's :meth:`save` with an :class:`~llmc_core.export.ExportState` (``model``,
-    ``tokenizer``, ``quantized``, rebuilt from a saved ``fake_quant_model``) in place of the run,
-    and :meth:`check` with an object whose ``weight`` is the saved spec.
+    ``fake_quant`` saver's :meth:`save` with a :class:`~llmc_core.state.ModelState` (``model``,
+    ``tokenizer``, ``quantized``, rebuilt from a saved ``fake_quant_model``) in place of the run's
+    state, and :meth:`check` with an :class:`~llmc_core.export.ExportConfig` (``weight``: the saved spec).
     """
 
     folder: ClassVar[str] = ""
@@ -202,5 +228,6 @@ class Saver(Plugin):
     def check(self, run_config: Any) -> None:
         """Raise :class:`~llmc_core.errors.LlmcError` if the run's settings cannot be saved."""
 
-    def save(self, run: Run, folder: str) -> None:
+    def save(self, state: RunState, folder: str) -> None:
+        """Write the model of ``state`` (``state.model``, ``state.tokenizer``, ``state.quantized``) into ``folder``."""
         raise NotImplementedError

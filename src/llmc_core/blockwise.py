@@ -17,6 +17,10 @@ from llmc_core.adapters import ModelAdapter
 from llmc_core.errors import LlmcError
 
 
+# A block forward takes at most this many tokens in one call (memory only; samples are independent).
+FORWARD_TOKENS = 16384
+
+
 class _Captured(Exception):
     """Raised by the last catcher to stop the forward pass once every block's inputs are recorded."""
 
@@ -76,15 +80,34 @@ class BlockContext:
     # The block's outputs on ``inputs``: a method's ``work`` may set them when it has computed them
     # for the block as it leaves ``work`` (saving a forward); otherwise run_blocks does before ``after``.
     outputs: list[torch.Tensor] = field(default_factory=list)
+    # ``quant.quant_out``: quantize_block runs right after transform_block in this pass, and the
+    # next block's inputs are the quantized block's outputs.
+    quant_out: bool = False
 
     def forward(self, inputs: list[torch.Tensor] | None = None, kwargs: list[dict[str, Any]] | None = None) -> list[torch.Tensor]:
-        """Run the block on ``inputs`` and ``kwargs`` (default: its cached ones), one batch at a time."""
-        return [block_output(self.block(h, **kw)) for h, kw in zip(inputs or self.inputs, kwargs or self.kwargs)]
+        """Run the block on ``inputs`` and ``kwargs`` (default: its cached ones), one batch at a
+        time, and a batch of more than ``FORWARD_TOKENS`` tokens in slices of whole samples: the
+        activations of one call (MLP intermediates, attention scores) grow with the tokens in
+        it, and ``calib.bs: -1`` puts every calibration sample in one batch."""
+        outs = []
+        for h, kw in zip(inputs or self.inputs, kwargs or self.kwargs):
+            n = h.shape[0]
+            size = max(1, FORWARD_TOKENS // max(1, h.shape[1]))
+            if n <= size or n == h.shape[1]:  # n == seq_len: a per-position kwarg could pass for a batch one
+                outs.append(first_tensor(self.block(h, **kw)))
+                continue
+            parts = [first_tensor(self.block(h[i : i + size], **{k: cut_batch(v, n, slice(i, i + size)) for k, v in kw.items()})) for i in range(0, n, size)]
+            outs.append(torch.cat(parts))
+        return outs
 
 
-def block_output(out: Any) -> torch.Tensor:
-    """Decoder blocks return a tensor (transformers 5) or a tuple whose first item is one."""
+def first_tensor(out: Any) -> torch.Tensor:
+    """The output tensor of a module call: decoder blocks return a tensor (transformers 5) or a
+    tuple whose first item is one, attention modules a tuple ``(output, weights, ...)``."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+block_output = first_tensor  # the name of a block's output, as methods call it
 
 
 def sub_batches(inputs: list[torch.Tensor], kwargs: list[dict[str, Any]], max_tokens: int) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[slice]]:
@@ -195,20 +218,25 @@ def run_blocks(
     progress: Callable[[Iterable[int]], Iterable[int]] = lambda it: it,
     after: Callable[[BlockContext], None] | None = None,
     start: int = 0,
+    step: str = "transform",
+    quant_out: bool = False,
 ) -> list[torch.Tensor]:
     """Process blocks in order: move block i to ``device``, call ``work(ctx)``, check its weights,
     compute its outputs unless ``work`` set them (the next block's inputs, ``ctx.outputs``), call ``after(ctx)`` and move
     the block back. Returns the last outputs. ``start``: skip the blocks before it (a resumed run);
-    ``inputs`` are then block ``start``'s inputs."""
+    ``inputs`` are then block ``start``'s inputs (empty for a pass that needs none, such as the
+    quantize pass: every block then has no inputs and no outputs). ``step``: what ``work`` does,
+    for the error that names a block left with NaN/inf weights. ``quant_out``: handed to each
+    context (``ctx.quant_out``)."""
     blocks = adapter.blocks()
     for i in progress(range(start, len(blocks))):
         block = blocks[i]
         home = _device_of(block)
         block.to(device)
-        ctx = BlockContext(i, block, adapter.block_prefix(i), adapter, inputs, kwargs_for(kwargs, i), device)
+        ctx = BlockContext(i, block, adapter.block_prefix(i), adapter, inputs, kwargs_for(kwargs, i), device, quant_out=quant_out)
         if work is not None:
             work(ctx)
-            check_finite_weights(ctx, "transform")
+            check_finite_weights(ctx, step)
         outputs = ctx.outputs or ctx.forward()
         _check_finite(outputs, ctx)
         ctx.outputs = outputs

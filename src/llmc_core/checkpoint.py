@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from llmc_core.blockwise import BlockContext
     from llmc_core.config import RunConfig
-    from llmc_core.run import Run
+    from llmc_core.state import RunState
 
 FOLDER = ".checkpoints"
 FORMAT = 2
@@ -72,10 +72,11 @@ class Checkpoint:
         self.restored_blocks = 0  # blocks taken from the checkpoint by this process
 
     @classmethod
-    def open(cls, config: RunConfig, resume: bool) -> Checkpoint | None:
-        """The checkpoint to resume from (``resume``), a fresh one (``save.checkpoint_blocks``), or None."""
+    def open(cls, config: RunConfig, resume: bool) -> Checkpoint | NoCheckpoint:
+        """The checkpoint to resume from (``resume``), a fresh one (``save.checkpoint_blocks``), or
+        a :class:`NoCheckpoint` that keeps nothing."""
         if config.save is None:
-            return None
+            return NoCheckpoint()
         folder = config.save_path / FOLDER
         fp = fingerprint(config)
         if resume:
@@ -98,7 +99,7 @@ class Checkpoint:
                 )
             return cls(folder, manifest)
         if not getattr(config.save, "checkpoint_blocks", False):
-            return None
+            return NoCheckpoint()
         shutil.rmtree(folder, ignore_errors=True)  # a stale one from a run the user chose to overwrite
         folder.mkdir(parents=True)
         ckpt = cls(folder, {"format": FORMAT, "fingerprint": fp, "blocks_done": 0, "records": [], "saved": []})
@@ -131,20 +132,20 @@ class Checkpoint:
     def blocks_done(self) -> int:
         return self.manifest["blocks_done"]
 
-    def save_block(self, run: Run, ctx: BlockContext) -> None:
+    def save_block(self, state: RunState, ctx: BlockContext) -> None:
         """Keep block ``ctx.index`` (just finished) and its outputs; then move the manifest on."""
         import numpy as np
         import torch
 
         prefix = ctx.prefix
-        inputs, rows = run.layer_errors.block_state(prefix)
+        inputs, rows = state.layer_errors.block_state(prefix)
         quantized = {
-            name[len(prefix) + 1 :]: {"codes": q.codes.cpu(), "scales": q.scales.cpu(), "zeros": q.zeros.cpu(), "spec": q.spec.model_dump()}
-            for name, q in run.quantized.items()
+            name[len(prefix) + 1 :]: {"codes": q.codes.cpu(), "scales": q.scales.cpu(), "zeros": q.zeros.cpu(), "spec": q.spec.model_dump(), **({} if q.g_idx is None else {"g_idx": q.g_idx.cpu()})}
+            for name, q in state.quantized.items()
             if name.startswith(f"{prefix}.")
         }
         np_state = np.random.get_state()
-        state = {
+        kept = {
             "state_dict": {k: v.detach().cpu() for k, v in ctx.block.state_dict().items()},
             "quantized": quantized,
             "layer_inputs": {k[len(prefix) + 1 :]: v for k, v in inputs.items()},
@@ -153,8 +154,8 @@ class Checkpoint:
             "rng_python": _listify(random.getstate()),
             "rng_numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:])],
         }
-        _atomic_torch_save(state, self._block_file(ctx.index))
-        method = run.method
+        _atomic_torch_save(kept, self._block_file(ctx.index))
+        method = state.method
         write_state(self._method_file(ctx.index), {"log": method.log, "state": method.state_dict()}, f"{type(method).__name__}.state_dict()")
         _atomic_torch_save([o.cpu() for o in ctx.outputs], self._outputs_file(ctx.index))
         self.manifest["blocks_done"] = ctx.index + 1
@@ -165,39 +166,39 @@ class Checkpoint:
             self._outputs_file(ctx.index - 1).unlink(missing_ok=True)
             self._method_file(ctx.index - 1).unlink(missing_ok=True)
 
-    def restore_blocks(self, run: Run) -> int:
-        """Load every finished block into ``run.model``; return how many (the index to continue at)."""
+    def restore_blocks(self, state: RunState) -> int:
+        """Load every finished block into ``state.model``; return how many (the index to continue at)."""
         import numpy as np
         import torch
 
         from llmc_core.quant import QuantSpec, QuantizedWeight
 
         done = self.blocks_done
-        blocks = run.adapter.blocks()
+        blocks = state.adapter.blocks()
         if done > len(blocks):
             raise LlmcError(f"--resume: the checkpoint in {self.folder} has {done} blocks, the model {len(blocks)}. Start over without --resume and with save.overwrite: true.")
-        state: dict[str, Any] = {}
+        kept_block: dict[str, Any] = {}
         for i in range(done):
             path = self._block_file(i)
             with _reading(path):
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                blocks[i].load_state_dict(state["state_dict"])
-                prefix = run.adapter.block_prefix(i)
-                for name, q in state["quantized"].items():
-                    run.quantized[f"{prefix}.{name}"] = QuantizedWeight(q["codes"], q["scales"], q["zeros"], QuantSpec(**q["spec"]))
-                run.layer_errors.restore_block({f"{prefix}.{k}": v for k, v in state["layer_inputs"].items()}, self.manifest.get(f"rows_{i}", []))
+                kept_block = torch.load(path, map_location="cpu", weights_only=True)
+                blocks[i].load_state_dict(kept_block["state_dict"])
+                prefix = state.adapter.block_prefix(i)
+                for name, q in kept_block["quantized"].items():
+                    state.quantized[f"{prefix}.{name}"] = QuantizedWeight(q["codes"], q["scales"], q["zeros"], QuantSpec(**q["spec"]), q.get("g_idx"))
+                state.layer_errors.restore_block({f"{prefix}.{k}": v for k, v in kept_block["layer_inputs"].items()}, self.manifest.get(f"rows_{i}", []))
         if done:
             path = self._method_file(done - 1)
             with _reading(path):
                 kept = read_state(path)
-                run.method.log[:] = kept["log"]
-                run.method.load_state_dict(kept["state"])
+                state.method.log[:] = kept["log"]
+                state.method.load_state_dict(kept["state"])
             with _reading(self._block_file(done - 1)):  # random states as they were right after the last finished block
-                torch.set_rng_state(state["rng_torch"])
-                if state["rng_cuda"] and torch.cuda.is_available():
-                    torch.cuda.set_rng_state_all(state["rng_cuda"])
-                random.setstate(_tuplify(state["rng_python"]))
-                name, keys, *rest = state["rng_numpy"]
+                torch.set_rng_state(kept_block["rng_torch"])
+                if kept_block["rng_cuda"] and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(kept_block["rng_cuda"])
+                random.setstate(_tuplify(kept_block["rng_python"]))
+                name, keys, *rest = kept_block["rng_numpy"]
                 np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         self.restored_blocks = done
         return done
@@ -234,6 +235,42 @@ class Checkpoint:
     def _write_manifest(self) -> None:
         path = self.folder / "manifest.json"
         _atomic_write(path, lambda fh: fh.write(json.dumps(self.manifest, indent=1).encode()))
+
+
+class NoCheckpoint:
+    """The checkpoint of a run that keeps none (no ``save.checkpoint_blocks``, or no ``save``
+    section): :class:`Checkpoint`'s interface, doing nothing, so the run has no ``None`` branches."""
+
+    folder = None
+    restored_blocks = 0
+    blocks_done = 0
+
+    def records(self, position: str) -> list[EvalRecord] | None:
+        return None
+
+    def add_records(self, position: str, records: list[EvalRecord]) -> None:
+        pass
+
+    def is_saved(self, saver: str, target: Path) -> bool:
+        return False
+
+    def mark_saved(self, saver: str) -> None:
+        pass
+
+    def save_block(self, state: RunState, ctx: BlockContext) -> None:
+        pass
+
+    def restore_blocks(self, state: RunState) -> int:
+        return 0
+
+    def load_outputs(self, device: torch.device) -> list[torch.Tensor]:
+        raise LlmcError("--resume: there is no checkpoint to continue from.")  # restore_blocks returned 0: never reached
+
+    def finish(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "no checkpoint"
 
 
 def _atomic_write(path: Path, write: Any) -> None:

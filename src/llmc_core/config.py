@@ -16,13 +16,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_model
 
+from llmc_core.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from llmc_core.schema import StrictModel
 from llmc_core.errors import ConfigSyntaxError, LlmcError, did_you_mean
 from llmc_core.paths import expand_vars, looks_like_hub_id, resolve_package_path
 from llmc_core.plugins import PluginManager, get_manager
 from llmc_core.quant.spec import QuantSpec
 
-SECTIONS = ("base", "model", "calib", "eval", "quant", "save", "opencompass", "lm_eval")
+SECTIONS = ("base", "model", "calib", "eval", "quant", "save")  # and one per registered step (api.Step)
 POSITIONS = ("pretrain", "transformed", "fake_quant", "real_quant")
 QUANTIZED_POSITIONS = ("transformed", "fake_quant", "real_quant")
 PATH_KEYS = ("path", "tokenizer_path", "save_path", "cfg_path", "output_path", "scale_path", "clip_path", "python")
@@ -95,13 +96,13 @@ class RunConfig:
     special: BaseModel | None = None
     save: BaseModel | None = None
     savers: list[type] = field(default_factory=list)
-    extras: dict[str, tuple[type, BaseModel]] = field(default_factory=dict)
+    steps: dict[str, tuple[type, BaseModel]] = field(default_factory=dict)  # section -> (api.Step class, options)
     resume: bool = False  # ``llmc run --resume``: the save_path of an interrupted run is expected
 
     def positions(self, steps: bool = False) -> set[str]:
-        """Where the ``eval`` sections measure (``steps``: also the steps run in place, e.g. lm_eval)."""
+        """Where the ``eval`` sections measure (``steps``: also where the steps run, e.g. lm_eval)."""
         found = {p for _, e in self.evals for p in e.eval_pos}
-        return found | {p for step, o in self.extras.values() for p in step.positions(o)} if steps else found
+        return found | {p for step, o in self.steps.values() for p in step.positions(o)} if steps else found
 
     @property
     def save_path(self) -> Path | None:
@@ -125,7 +126,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigSyntaxError(f"{where}: {problem}. Fix the YAML (indentation, a missing ':' or quote).") from exc
     if not isinstance(data, dict):
-        raise LlmcError(f"{p}: the config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}.")
+        raise LlmcError(f"{p}: the config must be a mapping of sections ({', '.join(SECTIONS)}, ...), got {type(data).__name__}.")
     return data
 
 
@@ -231,9 +232,16 @@ def validate(data: dict[str, Any], source: str = "<config>", manager: PluginMana
     manager = manager or get_manager()
     data = _expand(data, "")
     problems = _Problems()
+    step_sections = {}
+    for e in (e for e in manager.entries() if e.kind == "step"):
+        if e.cls.section_name() in SECTIONS or e.cls.section_name() in step_sections:
+            problems.add(f"step '{e.name}' ({e.distribution}) claims the section '{e.cls.section_name()}', which {'llmc itself' if e.cls.section_name() in SECTIONS else 'another step'} owns. Uninstall that plugin or give its step another section.")
+        else:
+            step_sections[e.cls.section_name()] = e.cls
+    sections = (*SECTIONS, *step_sections)
     for key in data:
-        if key not in SECTIONS:
-            problems.add(f"{key}: unknown section.{did_you_mean(key, SECTIONS)} Sections: {', '.join(SECTIONS)}.")
+        if key not in sections:
+            problems.add(f"{key}: unknown section.{did_you_mean(key, sections)} Sections: {', '.join(sections)}.")
     base = problems.validate(BaseSection, data.get("base"), "base") or BaseSection()
 
     model_raw = data.get("model")
@@ -279,13 +287,11 @@ def validate(data: dict[str, Any], source: str = "<config>", manager: PluginMana
     cfg = RunConfig(source, data, base, model_cfg, family, calib, evals, quant, method, weight, special, save, savers, resume=resume)
     if resume and save is None:
         problems.add("--resume needs a save section with save_path (where the checkpoint of the interrupted run is).")
-    for section in ("opencompass", "lm_eval"):  # step sections, each named after its evaluator
+    for section, step in step_sections.items():  # top-level sections owned by a step plugin
         if data.get(section) is not None:
-            step = _lookup(manager, problems, "evaluator", section, section)
-            if step is not None:
-                options = problems.validate(step.Config, data[section], section)
-                if options is not None:
-                    cfg.extras[section] = (step, options)
+            options = problems.validate(step.Config, data[section], section)
+            if options is not None:
+                cfg.steps[section] = (step, options)
     if not problems.lines:
         _cross_section_rules(cfg, problems)
     if problems.lines:
@@ -306,7 +312,7 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
     if needs_quant and cfg.quant is None:
         problems.add(f"eval.eval_pos: {', '.join(needs_quant)} needs a quant section (or remove it from eval_pos).")
     if "real_quant" in cfg.positions() and cfg.weight is not None:  # real_quant runs AWQ-packed int4 layers
-        from llmc_core.quant.awq_format import awq_problems
+        from llmc_core.quant.rules import awq_problems
 
         problems.lines.extend(f"eval.eval_pos: real_quant: {p}. Measure fake_quant instead." for p in awq_problems(cfg.weight.bit, cfg.weight.granularity, cfg.weight.group_size))
     if cfg.method is not None and cfg.method.needs_calibration and cfg.calib is None:
@@ -329,7 +335,7 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
     if cfg.save is not None:
         _check_output_folder(cfg, problems)
     _check_paths(cfg, problems)
-    for step, options in cfg.extras.values():
+    for step, options in cfg.steps.values():
         try:
             step().check(cfg, options)
         except LlmcError as exc:
@@ -342,7 +348,7 @@ def _check_output_folder(cfg: RunConfig, problems: _Problems) -> None:
         problems.add(f"save.save_path: {out} exists and is a file. Choose a folder path.")
     elif cfg.resume:
         pass  # the interrupted run's folder; the checkpoint in it is checked when the run starts
-    elif (out / ".checkpoints").is_dir() and not cfg.save.overwrite:
+    elif (out / CHECKPOINT_FOLDER).is_dir() and not cfg.save.overwrite:
         problems.add(f"save.save_path: {out} holds the checkpoint of an interrupted run. Continue it with 'llmc run --resume', or set save.overwrite: true to start over.")
     elif out.exists() and any(out.iterdir()) and not cfg.save.overwrite:
         problems.add(f"save.save_path: {out} already exists and is not empty. Choose a new path, or set save.overwrite: true to replace what llmc wrote there.")

@@ -9,25 +9,34 @@ into ``SAVE_PATH/<its folder>`` as if the run had asked for it, with no calibrat
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from llmc_core.errors import LlmcError
+from llmc_core.state import ModelState
 
 log = logging.getLogger("llmc")
 
 FAKE_FOLDER = "fake_quant_model"
 
 
-@dataclass
-class ExportState:
-    """What a saver reads from a run (``model``, ``tokenizer``, ``quantized``), rebuilt from disk."""
+ExportState = ModelState  # what a saver reads of a run (model, tokenizer, quantized), rebuilt from disk
 
-    model: Any
-    tokenizer: Any
-    quantized: dict[str, Any] = field(default_factory=dict)
+
+@dataclass
+class ExportConfig:
+    """What a saver's ``check(run_config)`` reads at export: the saved spec as ``weight``; no
+    ``quant``, ``save`` or method section (the run that wrote the folder was validated already)."""
+
+    weight: Any
+    quant: Any = None
+    save: Any = None
+    special: Any = None
+    resume: bool = False
+
+    def positions(self, steps: bool = False) -> set[str]:
+        return set()
 
 
 def export_targets(manager: Any) -> list[str]:
@@ -55,14 +64,14 @@ def export(save_path: str | Path, to: str, overwrite: bool = False, manager: Any
     state = load_fake_folder(fake)
     spec = next(iter(state.quantized.values())).spec
     saver = saver_cls()
-    saver.check(SimpleNamespace(weight=spec))  # the same refusals as in a run's config validation
+    saver.check(ExportConfig(weight=spec))  # the same refusals as in a run's config validation
     with atomic_folder(target, overwrite=overwrite) as tmp:
         saver.save(state, str(tmp))
     log.info("exported %s model to %s (%d quantized layers, %s)", saver_cls.name, target, len(state.quantized), spec.describe())
     return target
 
 
-def load_fake_folder(folder: Path) -> ExportState:
+def load_fake_folder(folder: Path) -> ModelState:
     """The model (in its saved dtype), tokenizer and quantized layers of a ``fake_quant_model``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,4 +88,4 @@ def load_fake_folder(folder: Path) -> ExportState:
     tokenizer = None
     if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    return ExportState(model, tokenizer, quantized)
+    return ModelState(model, tokenizer, quantized)

@@ -7,7 +7,9 @@ register through the ``llmc`` entry-point group.
 Registration hooks receive a ``register`` callback and call it once per class they provide; each
 class carries a ``name`` (what the YAML config selects, case-insensitive) and a pydantic ``Config``.
 The core keeps one registry per kind, rejects duplicate names and records which distribution gave
-which name. Lifecycle hooks let a plugin observe a run; their return values are ignored.
+which name. Lifecycle hooks let a plugin observe a run; their return values are ignored. They receive the
+run's :class:`~llmc_core.state.RunState` as ``run`` (the argument keeps that name: pluggy matches
+implementations by argument name).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from llmc_core import hookspec
 if TYPE_CHECKING:
     import torch
 
-    from llmc_core.api import Dataset, Evaluator, Method, ModelFamily, Preproc, Saver
+    from llmc_core.api import Dataset, Evaluator, Method, ModelFamily, Preproc, Saver, Step
     from llmc_core.results import EvalRecord
-    from llmc_core.run import Run
+    from llmc_core.state import RunState
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +85,7 @@ def llmc_register_methods(register: Callable[[type[Method]], None]) -> None:
 
 
 @hookspec
-def llmc_block_done(run: Run, index: int, block: torch.nn.Module) -> None:
+def llmc_block_done(run: RunState, index: int, block: torch.nn.Module) -> None:
     """Called by the block-wise runner after the method has processed decoder block ``index``.
 
     :param run: the current run.
@@ -109,7 +111,20 @@ def llmc_register_evaluators(register: Callable[[type[Evaluator]], None]) -> Non
 
 
 @hookspec
-def llmc_evaluation_done(run: Run, record: EvalRecord) -> None:
+def llmc_register_steps(register: Callable[[type[Step]], None]) -> None:
+    """Register downstream steps (subclasses of :class:`llmc_core.api.Step`).
+
+    Each step owns the top-level config section ``Step.section_name()`` (e.g. ``opencompass``,
+    ``lm_eval``): when the config has it, it is validated against the step's ``Config``, the
+    step's ``check`` runs at validation, and the run calls ``evaluate`` at each position its
+    ``positions(options)`` returns (``downstream``: once after the savers).
+
+    :param register: call ``register(StepClass)`` once per step.
+    """
+
+
+@hookspec
+def llmc_evaluation_done(run: RunState, record: EvalRecord) -> None:
     """Called after each evaluation result is recorded.
 
     :param run: the current run.
@@ -139,7 +154,7 @@ def llmc_register_savers(register: Callable[[type[Saver]], None]) -> None:
 
 
 @hookspec
-def llmc_run_start(run: Run) -> None:
+def llmc_run_start(run: RunState) -> None:
     """Called once the config is validated and before the model loads.
 
     :param run: the run about to start; ``run.config`` is the validated config.
@@ -147,7 +162,7 @@ def llmc_run_start(run: Run) -> None:
 
 
 @hookspec
-def llmc_run_end(run: Run, error: BaseException | None) -> None:
+def llmc_run_end(run: RunState, error: BaseException | None) -> None:
     """Called when the run ends, successfully or not.
 
     :param run: the run; ``run.results`` holds every evaluation record.

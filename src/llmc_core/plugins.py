@@ -30,9 +30,10 @@ KINDS = {
     "preproc": "llmc_register_preprocs",
     "method": "llmc_register_methods",
     "evaluator": "llmc_register_evaluators",
+    "step": "llmc_register_steps",
     "saver": "llmc_register_savers",
 }
-_BASES = {"model": api.ModelFamily, "dataset": api.Dataset, "preproc": api.Preproc, "method": api.Method, "evaluator": api.Evaluator, "saver": api.Saver}
+_BASES = {"model": api.ModelFamily, "dataset": api.Dataset, "preproc": api.Preproc, "method": api.Method, "evaluator": api.Evaluator, "step": api.Step, "saver": api.Saver}
 # What a kind is called in error messages ("Unknown quant method 'x' at quant.method").
 KIND_LABELS = {"model": "model type", "method": "quant method"}
 

@@ -6,7 +6,7 @@ damage is), the quantized weights by kind and the skipped ones with the reason, 
 plots the per-layer error by block and the time per stage; it needs matplotlib
 (``pip install 'llmc[report]'``) and is skipped, with a note in ``report.md``, without it.
 
-Everything is rendered from the run's data (``run.results``, ``run.stages``, the layer-error rows),
+Everything is rendered from the run's :class:`~llmc_core.state.RunState` (``results``, ``stages``, the layer-error rows),
 the same data ``results.json`` holds.
 """
 
@@ -23,52 +23,52 @@ from llmc_core.fsutil import atomic_file
 
 if TYPE_CHECKING:
     from llmc_core.results import EvalRecord
-    from llmc_core.run import Run
+    from llmc_core.state import RunState
 
 PLOT_NAME = "report.png"
 
 
-def write_report(run: Run, folder: str | Path) -> Path:
+def write_report(state: RunState, folder: str | Path) -> Path:
     """Write ``report.md`` (and ``report.png`` when matplotlib is installed) into ``folder``."""
     folder = Path(folder)
-    rows = run.layer_errors.finish()
+    rows = state.layer_errors.finish()
     try:
-        plot_note = _write_plot(folder / PLOT_NAME, rows, run.stages)
+        plot_note = _write_plot(folder / PLOT_NAME, rows, state.stages)
     except ImportError:
         plot_note = "The plot was skipped: matplotlib is not installed (`pip install 'llmc[report]'`)."
-    text = render_markdown(run, rows, plot_note)
+    text = render_markdown(state, rows, plot_note)
     path = folder / "report.md"
     with atomic_file(path, overwrite=True) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
 
 
-def render_markdown(run: Run, layer_rows: list[dict[str, Any]], plot_note: str | None) -> str:
+def render_markdown(state: RunState, layer_rows: list[dict[str, Any]], plot_note: str | None) -> str:
     """The text of ``report.md``; ``plot_note`` is None when the plot was written."""
     import yaml
 
-    cfg = run.config
+    cfg = state.config
     out = ["# llmc run report", ""]
-    out += _summary(run)
+    out += _summary(state)
     out += ["", "## Perplexity by position", ""]
-    out += _ppl_table([r for r in run.results if r.metric == "perplexity"])
-    others = [r for r in run.results if r.metric != "perplexity"]
+    out += _ppl_table([r for r in state.results if r.metric == "perplexity"])
+    others = [r for r in state.results if r.metric != "perplexity"]
     out += ["", "## Downstream metrics", ""]
     out += _table(("position", "evaluator", "dataset", "metric", "value", "seconds"), [(r.position, r.evaluator, r.dataset, r.metric, r.shown_value(), f"{r.seconds:.1f}") for r in others]) if others else ["None in this run."]
     out += ["", "## Time and peak memory per stage", ""]
-    out += _stage_table(run.stages)
+    out += _stage_table(state.stages)
     out += ["", "## Quantization error per layer", ""]
     out += _layer_section(layer_rows)
     out += ["", "## Quantized and skipped weights", ""]
-    out += _weights_section(run)
+    out += _weights_section(state)
     out += ["", f"![per-layer error and stage times]({PLOT_NAME})" if plot_note is None else f"_{plot_note}_"]
     out += ["", "## Config", "", "```yaml", yaml.safe_dump(cfg.raw, sort_keys=False).rstrip(), "```"]
     out += ["", "## Environment", ""]
-    out += [f"- {k}: {v}" for k, v in environment(run).items()]
+    out += [f"- {k}: {v}" for k, v in environment(state).items()]
     return "\n".join(out) + "\n"
 
 
-def environment(run: Run | None = None) -> dict[str, str]:
+def environment(state: RunState | None = None) -> dict[str, str]:
     """Versions and device, as strings."""
     import importlib.metadata as md
 
@@ -80,7 +80,7 @@ def environment(run: Run | None = None) -> dict[str, str]:
             env[dist] = md.version(dist)
         except md.PackageNotFoundError:
             env[dist] = "not installed"
-    device = getattr(run, "device", None)
+    device = getattr(state, "device", None)
     env["device"] = str(device) if device is not None else "not chosen"
     if device is not None and getattr(device, "type", "") == "cuda":
         import torch
@@ -100,30 +100,30 @@ def environment(run: Run | None = None) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _summary(run: Run) -> list[str]:
-    cfg = run.config
+def _summary(state: RunState) -> list[str]:
+    cfg = state.config
     method = f"{cfg.quant.method} ({cfg.weight.describe()})" if cfg.quant is not None else "none (evaluation only)"
     model = cfg.raw.get("model", {})
     lines = [
         f"- model: {model.get('type')} from `{model.get('path')}`",
         f"- method: {method}",
-        f"- finished: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {sum(s['seconds'] for s in run.stages):.1f} s over {len(run.stages)} stages",
+        f"- finished: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {sum(s['seconds'] for s in state.stages):.1f} s over {len(state.stages)} stages",
     ]
-    ckpt = getattr(run, "checkpoint", None)
+    ckpt = getattr(state, "checkpoint", None)
     if ckpt is not None and ckpt.restored_blocks:
         lines.append(f"- resumed: blocks 0-{ckpt.restored_blocks - 1} and the evaluations before the interruption came from the checkpoint")
-    if run.saved:
-        lines.append("- saved: " + ", ".join(f"{name} → `{path}`" for name, path in run.saved.items()))
+    if state.saved:
+        lines.append("- saved: " + ", ".join(f"{name} → `{path}`" for name, path in state.saved.items()))
     return lines
 
 
-def _weights_section(run: Run) -> list[str]:
+def _weights_section(state: RunState) -> list[str]:
     """Quantized weights by kind, and every weight left float grouped by the reason."""
-    if getattr(run, "adapter", None) is None or run.config.quant is None:
+    if getattr(state, "adapter", None) is None or state.config.quant is None:
         return ["No weights were quantized in this run."]
     from llmc_core.weights import weight_report
 
-    counts, skipped = weight_report(run.adapter, set(run.quantized))
+    counts, skipped = weight_report(state.adapter, set(state.quantized))
     lines = ["Quantized: " + (", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "none") + f" ({sum(counts.values())} weights).", ""]
     by_reason: dict[str, list[str]] = {}
     for name, why in skipped.items():

@@ -9,36 +9,33 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from llmc_core import __version__
-from llmc_core.config import RunConfig
+from llmc_core.api import DOWNSTREAM
+from llmc_core.checkpoint import Checkpoint, NoCheckpoint
+from llmc_core.config import POSITIONS, RunConfig
 from llmc_core.errors import LlmcError
 from llmc_core.layer_error import LayerErrors
 from llmc_core.plugins import PluginManager, get_manager
+from llmc_core.progress import progress
 from llmc_core.results import EvalRecord, render_table, write_json
 
 log = logging.getLogger("llmc")
 
 
-def progress(iterable: Any, **kwargs: Any) -> Any:
-    """A tqdm bar when attached to a terminal, the plain iterable otherwise."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=not sys.stderr.isatty(), leave=False, **kwargs)
-
-
 class Run:
-    """Owns the model, tokenizer, calibration batches and results of one config."""
+    """Owns the model, tokenizer, calibration batches and results of one config; implements
+    :class:`llmc_core.state.RunState`, which is all that plugins, savers, the checkpoint and the
+    report see of it."""
 
     def __init__(self, config: RunConfig, manager: PluginManager | None = None, resume: bool = False):
         self.config = config
         self.resume = resume  # continue from the checkpoint in save_path (``llmc run --resume``)
-        self.checkpoint: Any = None  # llmc_core.checkpoint.Checkpoint when checkpointing or resuming
+        self.checkpoint: Checkpoint | NoCheckpoint = NoCheckpoint()  # a real one once execute() opens it
         self.layer_errors = LayerErrors()  # per-layer quantization error, for the report
         self.current_stage: str | None = None
         self.manager = manager or get_manager()
@@ -81,12 +78,9 @@ class Run:
         error: BaseException | None = None
         self.hook.llmc_run_start(run=self)
         try:
-            from llmc_core.checkpoint import Checkpoint
-
             self.checkpoint = Checkpoint.open(self.config, self.resume)
             self._execute()
-            if self.checkpoint is not None:
-                self.checkpoint.finish()
+            self.checkpoint.finish()
         except BaseException as exc:
             error = exc
             if not isinstance(exc, KeyboardInterrupt):  # the CLI prints describe_progress() for those
@@ -101,7 +95,7 @@ class Run:
         where = f"during '{self.current_stage}'" if self.current_stage else "between stages"
         done = ", ".join(s["stage"] for s in self.stages) or "nothing"
         ckpt = self.checkpoint
-        kept = f"; {ckpt.describe()}, continue with 'llmc run --resume'" if ckpt is not None and ckpt.blocks_done else ""
+        kept = f"; {ckpt.describe()}, continue with 'llmc run --resume'" if ckpt.blocks_done else ""
         return f"{where}; finished: {done}{kept}; no half-written output folder was left."
 
     def _execute(self) -> None:
@@ -135,11 +129,7 @@ class Run:
                 with quant_linears(self.model, self.quantized):
                     self.evaluate("real_quant")
         self.save("fake_quant")
-        for step, options in cfg.extras.values():
-            if step.positions(options):  # measured in place by evaluate()
-                continue
-            with self.stage(step.name):
-                self._record(step().evaluate(self, options, "downstream"))
+        self.run_steps(DOWNSTREAM)
         self.report()
 
     # -- the work ------------------------------------------------------------------------------
@@ -192,7 +182,7 @@ class Run:
         if not type(method).needs_calibration:
             return
         ckpt = self.checkpoint
-        start = ckpt.restore_blocks(self) if ckpt is not None else 0
+        start = ckpt.restore_blocks(self)
         if start == len(self.adapter.blocks()):
             return
         inputs, kwargs = capture_block_inputs(self.model, self.adapter, self.calib_batches, self.device)
@@ -213,26 +203,23 @@ class Run:
 
         def after(ctx: Any) -> None:
             self.layer_errors.stop(ctx)
-            if ckpt is not None:  # before the hook: a block is finished once it is kept
-                ckpt.save_block(self, ctx)
+            ckpt.save_block(self, ctx)  # before the hook: a block is finished once it is kept
             self.hook.llmc_block_done(run=self, index=ctx.index, block=ctx.block)
 
-        run_blocks(self.adapter, inputs, kwargs, self.device, work, lambda it: progress(it, desc="blocks"), after, start=start)
+        run_blocks(self.adapter, inputs, kwargs, self.device, work, lambda it: progress(it, desc="blocks"), after, start=start, quant_out=quant_out)
 
     def quantize(self) -> None:
-        from llmc_core.blockwise import BlockContext, _device_of, check_finite_weights
+        """The quantize pass: the same block loop, with no inputs (nothing is computed but the weights)."""
+        from llmc_core.blockwise import run_blocks
 
-        for i, block in enumerate(progress(self.adapter.blocks(), desc="quantize")):
-            home = _device_of(block)
-            block.to(self.device)
-            ctx = BlockContext(i, block, self.adapter.block_prefix(i), self.adapter, [], [], self.device)
+        def work(ctx: Any) -> None:
             with self.layer_errors.quantizing(ctx):
                 self.quantized.update(self.method.quantize_block(ctx))
-            check_finite_weights(ctx, "quantize")
-            block.to(home)
+
+        run_blocks(self.adapter, [], [], self.device, work, lambda it: progress(it, desc="quantize"), step="quantize")
 
     def evaluate(self, position: str) -> None:
-        restored = self.checkpoint.records(position) if self.checkpoint is not None else None
+        restored = self.checkpoint.records(position)
         if restored is not None:  # measured before the interruption, on the same weights
             log.info("eval %s: restored from the checkpoint", position)
             self._record(restored)
@@ -250,12 +237,16 @@ class Run:
         finally:
             if listen:
                 self.layer_errors.stop()
-        for step, options in self.config.extras.values():  # steps that measure in place (lm_eval)
+        self.run_steps(position)  # steps that measure in place (lm_eval)
+        self.checkpoint.add_records(position, self.results[first:])
+
+    def run_steps(self, position: str) -> None:
+        """The steps (top-level sections such as ``lm_eval``, ``opencompass``) whose
+        ``positions(options)`` name ``position``: a model position, or ``downstream`` after the savers."""
+        for step, options in self.config.steps.values():
             if position in step.positions(options):
-                with self.stage(f"eval {position} ({step.name})"):
+                with self.stage(f"eval {position} ({step.name})" if position in POSITIONS else step.name):
                     self._record(step().evaluate(self, options, position))
-        if self.checkpoint is not None:
-            self.checkpoint.add_records(position, self.results[first:])
 
     def _record(self, records: list[EvalRecord]) -> None:
         for r in records:
@@ -270,7 +261,7 @@ class Run:
             if saver_cls.position != position:
                 continue
             target = self.config.save_path / saver_cls.folder
-            if self.checkpoint is not None and self.checkpoint.is_saved(saver_cls.name, target):
+            if self.checkpoint.is_saved(saver_cls.name, target):
                 self.saved[saver_cls.name] = target
                 log.info("%s model was saved to %s before the interruption", saver_cls.name, target)
                 continue
@@ -278,8 +269,7 @@ class Run:
             with self.stage(f"save {saver_cls.name}"), atomic_folder(target, overwrite=overwrite) as tmp:
                 saver_cls().save(self, str(tmp))
             self.saved[saver_cls.name] = target
-            if self.checkpoint is not None:
-                self.checkpoint.mark_saved(saver_cls.name)
+            self.checkpoint.mark_saved(saver_cls.name)
             log.info("saved %s model to %s", saver_cls.name, target)
 
     def report(self) -> None:

@@ -4,6 +4,8 @@
 - :func:`save_tiny_llama` writes one as a HF folder with a word-level tokenizer.
 - :func:`tiny_model` / :func:`save_tiny_model` do the same for every supported family
   (Qwen3, Gemma 2/3, Phi-3, Mixtral, Qwen2/3-MoE...) from transformers' config classes.
+- :func:`block_context` builds one block's ``BlockContext`` with its captured inputs, in one call
+  (to test a method's ``transform_block`` / ``quantize_block`` without a run).
 - :func:`run_config` builds a run-config mapping with sensible small defaults.
 - :func:`run_cli` runs ``llmc`` in-process and captures exit code, stdout and stderr.
 - :func:`write_config` writes a config mapping as YAML; :func:`read_results` reads a run's
@@ -135,6 +137,38 @@ def save_tiny_llama(folder: str | Path, **kwargs: Any) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     word_tokenizer(kwargs.get("vocab", 128)).save_pretrained(folder)
     return folder
+
+
+def block_context(model: Any = None, index: int = 0, n_samples: int = 2, seq_len: int = 16, adapter: Any = None, seed: int = 0) -> Any:
+    """One decoder block's :class:`~llmc_core.blockwise.BlockContext` with its calibration inputs,
+    as the run hands it to ``transform_block``: ``ctx.inputs`` is one ``[n_samples, seq_len,
+    hidden]`` batch of the block's inputs (random token ids through the blocks before it) and
+    ``ctx.kwargs`` its keyword inputs, captured with :func:`~llmc_core.blockwise.capture_block_inputs`.
+
+    ``model``: default a :func:`tiny_llama`; ``adapter``: default the registered model family
+    whose ``model_types`` has the model's ``model_type`` (everything stays on the CPU).
+    """
+    import torch
+
+    from llmc_core.blockwise import BlockContext, capture_block_inputs, kwargs_for
+
+    model = tiny_llama() if model is None else model
+    if adapter is None:
+        from llmc_core.plugins import get_manager
+
+        manager, kind = get_manager(), getattr(model.config, "model_type", None)
+        family = next((f for f in (manager.get("model", n, "model.type") for n in manager.names("model")) if kind in getattr(f, "model_types", ())), None)
+        if family is None:
+            raise ValueError(f"no registered model family loads model_type {kind!r}; pass adapter=")
+        adapter = family().adapter(model)
+    device = torch.device("cpu")
+    ids = torch.randint(3, model.config.vocab_size, (n_samples, seq_len), generator=torch.Generator().manual_seed(seed))
+    inputs, kwargs = capture_block_inputs(model, adapter, [ids], device)
+    blocks = adapter.blocks()
+    with torch.no_grad():
+        for i in range(index):  # the inputs of block ``index`` are the outputs of the ones before it
+            inputs = BlockContext(i, blocks[i], adapter.block_prefix(i), adapter, inputs, kwargs_for(kwargs, i), device).forward()
+    return BlockContext(index, blocks[index], adapter.block_prefix(index), adapter, inputs, kwargs_for(kwargs, index), device)
 
 
 def write_corpus(path: str | Path, n_rows: int = 400, seed: int = 0) -> Path:

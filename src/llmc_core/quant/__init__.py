@@ -11,7 +11,7 @@ from typing import Any
 from llmc_core.quant.checks import check_divisible
 from llmc_core.quant.spec import QuantSpec
 
-_FAKE = ("QuantizedWeight", "column_qparams", "fake_quantize", "fake_quantize_linear", "group_view", "qparams", "quantize_columns", "quantize_grouped", "quantize_weight")
+_FAKE = ("QuantizedWeight", "column_qparams", "fake_quantize", "fake_quantize_linear", "group_view", "qparams", "quantize_columns", "quantize_grouped", "quantize_weight", "weight_range")
 
 __all__ = ["QuantSpec", "check_divisible", *_FAKE]
 

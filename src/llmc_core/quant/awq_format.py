@@ -9,8 +9,8 @@ version: "gemm", modules_to_not_convert}`` (what vLLM, SGLang and transformers r
 :func:`load_awq_folder` reads such a folder into a transformers model with
 :class:`~llmc_core.quant.qlinear.QuantLinear` layers, without autoawq or gptqmodel.
 
-Importing this module is cheap (torch and transformers load inside the functions), so savers
-can call :func:`awq_problems` during config validation.
+Which specs the layout holds (:func:`~llmc_core.quant.rules.awq_problems`) and the
+``quantization_config`` entry live in :mod:`llmc_core.quant.rules`, below the packing code.
 """
 
 from __future__ import annotations
@@ -22,29 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from llmc_core.errors import LlmcError
+from llmc_core.quant.rules import awq_problems
+from llmc_core.quant.rules import awq_quantization_config as quantization_config
 
 log = logging.getLogger("llmc")
 
 QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales")
-
-
-def awq_problems(bit: int, granularity: str, group_size: int | None) -> list[str]:
-    """Why a weight spec cannot be written in the AWQ GEMM layout (empty list: it can).
-
-    Symmetric specs can: their codes are stored with zero point 8 (AutoAWQ's ``zero_point:
-    false`` has no GEMM checkpoint form, so llmc never writes it).
-    """
-    out = []
-    if bit != 4:
-        out.append(f"the AWQ GEMM format holds 4-bit weights only (quant.weight.bit is {bit})")
-    if granularity != "per_group":
-        out.append(f"the AWQ GEMM format holds per-group scales only (quant.weight.granularity is {granularity}); use per_group with group_size 128 (or 64)")
-    return out
-
-
-def quantization_config(group_size: int, not_converted: list[str]) -> dict[str, Any]:
-    """The ``config.json`` entry that marks an AWQ GEMM checkpoint."""
-    return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm", "modules_to_not_convert": not_converted}
 
 
 def unquantized_linears(model: Any, quantized: Mapping[str, Any]) -> list[str]:

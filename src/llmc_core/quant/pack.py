@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmc_core.errors import LlmcError
-from llmc_core.quant.awq_format import awq_problems
+from llmc_core.quant.rules import awq_problems
 
 if TYPE_CHECKING:
     from llmc_core.quant.fake import QuantizedWeight

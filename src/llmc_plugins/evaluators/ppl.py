@@ -37,11 +37,11 @@ class Perplexity(Evaluator):
     name = "ppl"
     Config = PplConfig
 
-    def evaluate(self, run, config, position):
+    def evaluate(self, state, config, position):
         import torch
 
         start = time.perf_counter()
-        ids = _token_ids(run, config)
+        ids = _token_ids(state, config)
         n_windows = ids.numel() // config.seq_len
         if config.num_samples:
             n_windows = min(n_windows, config.num_samples)
@@ -51,26 +51,26 @@ class Perplexity(Evaluator):
             raise LlmcError(f"eval.seq_len: the {config.name} text has {ids.numel()} tokens, fewer than one window of {config.seq_len}.")
         windows = ids[: n_windows * config.seq_len].reshape(n_windows, config.seq_len)
         hidden_fn = _per_block_hidden if config.inference_per_block else _whole_model_hidden
-        head = run.model.get_output_embeddings()
+        head = state.model.get_output_embeddings()
         nll, count = 0.0, 0
         with torch.no_grad():
-            from llmc_core.run import progress
+            from llmc_core.progress import progress
 
             for i in progress(range(0, n_windows, config.bs), desc=f"ppl {position}"):
-                batch = windows[i : i + config.bs].to(run.device)
-                nll += _sum_nll(hidden_fn(run, batch), batch, head, run.adapter.logits if run.adapter is not None else None)
+                batch = windows[i : i + config.bs].to(state.device)
+                nll += _sum_nll(hidden_fn(state, batch), batch, head, state.adapter.logits if state.adapter is not None else None)
                 count += batch[:, 1:].numel()
         ppl = math.exp(nll / count)
         return [EvalRecord(position, self.name, config.name, "perplexity", ppl, round(time.perf_counter() - start, 2))]
 
 
-def _token_ids(run, config):
+def _token_ids(state, config):
     key = ("ppl_ids", config.name, config.path)
-    if key not in run.cache:
-        rows = run.manager.get("dataset", config.name, "eval.name")().read_rows(config.path, config.download, "eval", "eval.path")
+    if key not in state.cache:
+        rows = state.manager.get("dataset", config.name, "eval.name")().read_rows(config.path, config.download, "eval", "eval.path")
         text = "\n\n".join(rows)
-        run.cache[key] = run.tokenizer(text, return_tensors="pt").input_ids[0]
-    return run.cache[key]
+        state.cache[key] = state.tokenizer(text, return_tensors="pt").input_ids[0]
+    return state.cache[key]
 
 
 # Logits of a whole window (2048 x 49152 floats for SmolLM2 = 400 MB, twice with the softmax) would
@@ -94,22 +94,22 @@ def _sum_nll(hidden, batch, head, finish=None):
     return total
 
 
-def _whole_model_hidden(run, batch):
-    run.model.to(run.device)
-    return run.model.base_model(input_ids=batch, use_cache=False).last_hidden_state
+def _whole_model_hidden(state, batch):
+    state.model.to(state.device)
+    return state.model.base_model(input_ids=batch, use_cache=False).last_hidden_state
 
 
-def _per_block_hidden(run, batch):
+def _per_block_hidden(state, batch):
     from llmc_core.blockwise import capture_block_inputs, run_blocks
 
-    inputs, kwargs = capture_block_inputs(run.model, run.adapter, [batch], run.device)
-    hidden = run_blocks(run.adapter, inputs, kwargs, run.device)[0]
-    head = run.model.get_output_embeddings()
-    for module in run.adapter.post_block_modules():
+    inputs, kwargs = capture_block_inputs(state.model, state.adapter, [batch], state.device)
+    hidden = run_blocks(state.adapter, inputs, kwargs, state.device)[0]
+    head = state.model.get_output_embeddings()
+    for module in state.adapter.post_block_modules():
         if module is not head:  # the final norm; the head is applied in slices by _sum_nll
-            module.to(run.device)
+            module.to(state.device)
             hidden = module(hidden)
-    head.to(run.device)
+    head.to(state.device)
     return hidden
 
 

@@ -9,11 +9,11 @@ from llmc_core import hookimpl
 from llmc_core.api import Saver
 
 
-def save_hf_folder(run, folder: str) -> None:
-    """``save_pretrained`` of model and tokenizer (safetensors), loadable by ``from_pretrained``."""
-    run.model.save_pretrained(folder, safe_serialization=True)
-    if run.tokenizer is not None:
-        run.tokenizer.save_pretrained(folder)
+def save_hf_folder(state, folder: str) -> None:
+    """``save_pretrained`` of ``state``'s model and tokenizer (safetensors), loadable by ``from_pretrained``."""
+    state.model.save_pretrained(folder, safe_serialization=True)
+    if state.tokenizer is not None:
+        state.tokenizer.save_pretrained(folder)
 
 
 class SaveTrans(Saver):
@@ -23,8 +23,8 @@ class SaveTrans(Saver):
     folder = "transformed_model"
     position = "transformed"
 
-    def save(self, run, folder):
-        save_hf_folder(run, folder)
+    def save(self, state, folder):
+        save_hf_folder(state, folder)
 
 
 class SaveFake(Saver):
@@ -39,17 +39,17 @@ class SaveFake(Saver):
     folder = "fake_quant_model"
     position = "fake_quant"
 
-    def save(self, run, folder):
+    def save(self, state, folder):
         from llmc_core.quant.stored import INFO_FILE, write_qparams
 
-        save_hf_folder(run, folder)
-        spec = run.config.weight.model_dump()
-        info = {"method": run.config.quant.method, "weight": spec, "quantized_layers": sorted(run.quantized)}
-        other = {n: q.spec.model_dump() for n, q in run.quantized.items() if q.spec.model_dump() != spec}
+        save_hf_folder(state, folder)
+        spec = state.config.weight.model_dump()
+        info = {"method": state.config.quant.method, "weight": spec, "quantized_layers": sorted(state.quantized)}
+        other = {n: q.spec.model_dump() for n, q in state.quantized.items() if q.spec.model_dump() != spec}
         if other:  # a method that quantized some layers with their own spec
             info["layer_weight"] = other
-        if run.quantized:
-            info.update(write_qparams(folder, run.model, run.quantized))
+        if state.quantized:
+            info.update(write_qparams(folder, state.model, state.quantized))
         (Path(folder) / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 

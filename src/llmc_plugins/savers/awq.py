@@ -23,7 +23,7 @@ class SaveAwq(Saver):
     position = "fake_quant"
 
     def check(self, run_config):
-        from llmc_core.quant.awq_format import awq_problems
+        from llmc_core.quant.rules import awq_problems
 
         spec = run_config.weight
         if spec is None:
@@ -32,7 +32,7 @@ class SaveAwq(Saver):
         if problems:
             raise LlmcError(*(f"save.save_awq: {p}. Save the fake-quantized model with save.save_fake instead, or change quant.weight." for p in problems))
 
-    def save(self, run, folder):
+    def save(self, state, folder):
         from llmc_core.quant.awq_format import write_awq_folder
 
-        write_awq_folder(run.model, run.quantized, folder, run.tokenizer)
+        write_awq_folder(state.model, state.quantized, folder, state.tokenizer)

@@ -38,7 +38,7 @@ class SaveVllm(Saver):
         if problems:
             raise LlmcError(*problems)
 
-    def save(self, run, folder):
+    def save(self, state, folder):
         from llmc_core.quant.ct_format import write_ct_folder
 
-        write_ct_folder(run.model, run.quantized, folder, run.tokenizer)
+        write_ct_folder(state.model, state.quantized, folder, state.tokenizer)

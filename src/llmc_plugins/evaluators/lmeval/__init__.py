@@ -42,7 +42,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from llmc_core import hookimpl
-from llmc_core.api import Evaluator, StrictModel
+from llmc_core.api import Step, StrictModel
 from llmc_core.errors import LlmcError
 from llmc_core.schema import unique
 
@@ -95,16 +95,15 @@ class LmEvalConfig(StrictModel):
         return value
 
 
-class LmEval(Evaluator):
+class LmEval(Step):
     """Downstream accuracy through lm-evaluation-harness, in process, on the in-memory model."""
 
-    name = "lm_eval"
+    name = "lm_eval"  # and the section it owns
     Config = LmEvalConfig
-    uses_dataset = False  # the data comes with the lm-eval tasks, not eval.name/path
 
     @staticmethod
     def positions(options: LmEvalConfig) -> list[str]:
-        """The run positions this step evaluates at (``Run.evaluate`` calls it there)."""
+        """The run positions this step evaluates at (right after the ``eval`` sections there)."""
         return list(options.eval_mode)
 
     def check(self, run_config: Any, options: LmEvalConfig) -> None:
@@ -120,15 +119,15 @@ class LmEval(Evaluator):
         if lines:
             raise LlmcError(*lines)
 
-    def evaluate(self, run: Any, config: LmEvalConfig, position: str):
-        """Run lm-eval's tasks on ``run.model`` as it is at ``position``."""
+    def evaluate(self, state: Any, config: LmEvalConfig, position: str):
+        """Run lm-eval's tasks on ``state.model`` as it is at ``position``."""
         from llmc_plugins.evaluators.lmeval.runner import evaluate_at
 
-        return evaluate_at(run, config, position)
+        return evaluate_at(state, config, position)
 
 
 @hookimpl
-def llmc_register_evaluators(register):
+def llmc_register_steps(register):
     register(LmEval)
 
 
@@ -136,7 +135,7 @@ def llmc_register_evaluators(register):
 def llmc_run_start(run):
     """Build the tasks once before the model loads: a task whose data cannot be read (a hub task
     offline with a cold cache, a local file gone) stops the run before any work, not after it."""
-    entry = run.config.extras.get("lm_eval")
+    entry = run.config.steps.get(LmEval.section_name())
     if entry is not None and entry[0] is LmEval:
         from llmc_plugins.evaluators.lmeval.runner import load_tasks, resolve_tasks
 

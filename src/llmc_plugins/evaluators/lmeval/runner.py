@@ -1,7 +1,7 @@
 """Running lm-eval's tasks on the run's in-memory model at one position, and reading its results.
 
-:func:`evaluate_at` wraps ``run.model`` (moved to the run's device, as for perplexity) and a copy
-of ``run.tokenizer`` in lm-eval's ``HFLM``, loads the tasks from the index the config check built,
+:func:`evaluate_at` wraps ``state.model`` (moved to the run's device, as for perplexity) and a copy
+of ``state.tokenizer`` in lm-eval's ``HFLM``, loads the tasks from the index the config check built,
 runs ``simple_evaluate`` and turns ``results[task]["<metric>,<filter>"]`` into
 :class:`~llmc_core.results.EvalRecord` s with lm-eval's ``<metric>_stderr,<filter>`` as stderr.
 lm-eval seeds Python's, NumPy's and torch's global generators; they are restored afterwards, so
@@ -94,10 +94,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def output_folder(run: Any, options: Any) -> Path | None:
+def output_folder(state: Any, options: Any) -> Path | None:
     if options.output_path:
         return Path(options.output_path).expanduser()
-    return run.config.save_path / "lm_eval" if run.config.save is not None else None
+    return state.config.save_path / "lm_eval" if state.config.save is not None else None
 
 
 def write_outputs(folder: Path, results: dict[str, Any], position: str) -> Path:
@@ -122,8 +122,8 @@ def _atomic_write(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def evaluate_at(run: Any, options: Any, position: str) -> list[EvalRecord]:
-    """Evaluate ``run.model`` as it is now on the configured tasks; one record per metric."""
+def evaluate_at(state: Any, options: Any, position: str) -> list[EvalRecord]:
+    """Evaluate ``state.model`` as it is now on the configured tasks; one record per metric."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -131,9 +131,9 @@ def evaluate_at(run: Any, options: Any, position: str) -> list[EvalRecord]:
     start = time.perf_counter()
     manager, names = resolve_tasks(options)
     tasks = load_tasks(manager, names)
-    run.model.to(run.device)
+    state.model.to(state.device)
     # lm-eval may give the tokenizer a pad token: a copy keeps llmc's (and the saved folders') as they are
-    lm = HFLM(pretrained=run.model, tokenizer=copy.deepcopy(run.tokenizer), batch_size=options.batch_size)
+    lm = HFLM(pretrained=state.model, tokenizer=copy.deepcopy(state.tokenizer), batch_size=options.batch_size)
     with kept_rng_state(), torch.no_grad():
         results = simple_evaluate(
             model=lm,
@@ -153,7 +153,7 @@ def evaluate_at(run: Any, options: Any, position: str) -> list[EvalRecord]:
     records = records_from(results, position, seconds)
     if not records:
         raise LlmcError(f"lm_eval: lm-eval gave no numeric metric for {', '.join(names)} at {position}; check the tasks' metric_list.")
-    folder = output_folder(run, options)
+    folder = output_folder(state, options)
     if folder is not None:
         log.info("lm_eval: %s results in %s", position, write_outputs(folder, results, position))
     return records

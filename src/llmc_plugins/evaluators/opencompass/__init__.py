@@ -54,7 +54,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from llmc_core import hookimpl
-from llmc_core.api import Evaluator, StrictModel
+from llmc_core.api import Step, StrictModel
 from llmc_core.errors import LlmcError
 from llmc_core.schema import unique
 
@@ -82,12 +82,12 @@ class OpenCompassConfig(StrictModel):
         return unique(value)
 
 
-class OpenCompass(Evaluator):
+class OpenCompass(Step):
     """Downstream accuracy through upstream OpenCompass, on the run's saved models."""
 
-    name = "opencompass"
+    name = "opencompass"  # and the section it owns
     Config = OpenCompassConfig
-    uses_dataset = False  # the datasets are in the OpenCompass config, not eval.name/path
+    # positions: the Step default, once after the savers (it evaluates the saved folders)
 
     def check(self, run_config, options: OpenCompassConfig) -> None:
         """Raise every problem the section has, before any model loads."""
@@ -98,13 +98,13 @@ class OpenCompass(Evaluator):
         if lines:
             raise LlmcError(*lines)
 
-    def evaluate(self, run, config: OpenCompassConfig, position: str):
+    def evaluate(self, state, config: OpenCompassConfig, position: str):
         """Run OpenCompass after the run's savers; ``position`` is ``"downstream"``."""
         from llmc_plugins.evaluators.opencompass.runner import run_step
 
-        return run_step(run, config)
+        return run_step(state, config)
 
 
 @hookimpl
-def llmc_register_evaluators(register):
+def llmc_register_steps(register):
     register(OpenCompass)

@@ -20,11 +20,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from llmc_core.errors import LlmcError
 from llmc_core.results import EvalRecord
+from llmc_core.state import ModelState
 
 log = logging.getLogger("llmc")
 SIDE = Path(__file__).with_name("oc_side")  # goes on PYTHONPATH of the OpenCompass processes
@@ -38,7 +38,7 @@ def output_path(run_config: Any, options: Any) -> Path:
     return Path(options.output_path or run_config.save_path / "opencompass").absolute()
 
 
-def model_folders(run: Any, options: Any) -> list[dict[str, Any]]:
+def model_folders(state: Any, options: Any) -> list[dict[str, Any]]:
     """``[{mode, path, sha256}]``: the folder OpenCompass loads for each ``eval_mode``.
 
     - ``fake_quant``: the folder the ``fake`` saver wrote when ``save.save_fake`` is on, else the
@@ -55,16 +55,16 @@ def model_folders(run: Any, options: Any) -> list[dict[str, Any]]:
     out = []
     for mode in options.eval_mode:
         if mode == "fake_quant":
-            folder = run.saved.get("fake") or _save(run, "fake", run)
-            out.append({"mode": mode, "path": str(Path(folder).absolute()), "sha256": weights_fingerprint(run.model)})
+            folder = state.saved.get("fake") or _save(state, "fake", state)
+            out.append({"mode": mode, "path": str(Path(folder).absolute()), "sha256": weights_fingerprint(state.model)})
         elif mode == "transformed":
-            if "trans" not in run.saved:
+            if "trans" not in state.saved:
                 raise LlmcError("opencompass.eval_mode: transformed needs the transformed model, but it was not saved; set save.save_trans: true.")
-            folder = Path(run.saved["trans"]).absolute()
-            out.append({"mode": mode, "path": str(folder), "sha256": folder_fingerprint(folder, trust_remote_code(run.config))})
+            folder = Path(state.saved["trans"]).absolute()
+            out.append({"mode": mode, "path": str(folder), "sha256": folder_fingerprint(folder, trust_remote_code(state.config))})
         else:
-            model, tokenizer = run.config.model_family().load(run.config.model)
-            folder = _save(run, "pretrain", SimpleNamespace(model=model, tokenizer=tokenizer, config=run.config))
+            model, tokenizer = state.config.model_family().load(state.config.model)
+            folder = _save(state, "pretrain", ModelState(model, tokenizer, config=state.config))
             out.append({"mode": mode, "path": str(Path(folder).absolute()), "sha256": weights_fingerprint(model)})
             del model
     return out
@@ -88,19 +88,19 @@ def folder_fingerprint(folder: Path, trust: bool) -> str:
         del model
 
 
-def _save(run: Any, what: str, source: Any) -> Path:
+def _save(state: Any, what: str, source: Any) -> Path:
     from llmc_core.fsutil import atomic_folder
     from llmc_plugins.savers import save_hf_folder
 
-    save = run.config.save
-    overwrite = save.overwrite or getattr(run, "resume", False)
+    save = state.config.save
+    overwrite = save.overwrite or getattr(state, "resume", False)
     if what == "fake":
-        saver = run.manager.get("saver", "fake", "save")
-        target = run.config.save_path / saver.folder
+        saver = state.manager.get("saver", "fake", "save")
+        target = state.config.save_path / saver.folder
         with atomic_folder(target, overwrite=overwrite) as tmp:
             saver().save(source, str(tmp))
     else:
-        target = run.config.save_path / "pretrain_model"
+        target = state.config.save_path / "pretrain_model"
         with atomic_folder(target, overwrite=overwrite) as tmp:
             save_hf_folder(source, str(tmp))
     log.info("opencompass: saved the %s model for OpenCompass to %s", what, target)
@@ -284,13 +284,13 @@ def _fingerprint_problems(work: Path, abbr: str, mode: str, want: str | None) ->
     return lines
 
 
-def run_step(run: Any, options: Any) -> list[EvalRecord]:
+def run_step(state: Any, options: Any) -> list[EvalRecord]:
     """Evaluate the run's models with OpenCompass; one record per (position, dataset, metric)."""
     start = time.perf_counter()
-    out = output_path(run.config, options)
-    models = model_folders(run, options)
+    out = output_path(state.config, options)
+    models = model_folders(state, options)
     gpus = visible_gpus()
-    settings = settings_for(options, out, models, gpus, trust_remote_code(run.config))
+    settings = settings_for(options, out, models, gpus, trust_remote_code(state.config))
     run_driver(options, out, settings, subprocess_env(options, out, gpus))
     manifest = json.loads(Path(settings["manifest"]).read_text(encoding="utf-8"))
     rows = read_results(manifest, {m["mode"]: m["sha256"] for m in models})

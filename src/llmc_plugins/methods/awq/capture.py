@@ -19,12 +19,7 @@ from typing import Any
 
 import torch
 
-from llmc_core.blockwise import cut_batch
-
-
-def first_tensor(out: Any) -> torch.Tensor:
-    """Modules return a tensor or a tuple whose first item is the output (attention)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
+from llmc_core.blockwise import cut_batch, first_tensor
 
 
 @contextmanager

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from llmc_core import layer_ops
+from llmc_core.blockwise import first_tensor
 from llmc_core.layer_ops import original_weight, rebase, set_weight
 from llmc_core.quant.fake import fake_quantize_, group_view
-from llmc_plugins.methods.awq.capture import ModuleCapture, cast, chunks, first_tensor
+from llmc_plugins.methods.awq.capture import ModuleCapture, cast, chunks
 
 
 @dataclass

@@ -61,8 +61,9 @@ class Gptq(Method):
     reference does), takes the Cholesky factor of ``H⁻¹``, and quantizes each layer column by column
     in blocks of ``blocksize`` columns, feeding each column's rounding error back into the columns
     not yet quantized. Rounding, scales and zero points are :mod:`llmc_core.quant`'s (``quant.weight``:
-    2-8 bits, symmetric or not, per-tensor, per-channel or per-group, ``scale_dtype``), so with
-    ``H = I`` GPTQ is exactly RTN. A Hessian that is not positive definite after damping is retried
+    2-8 bits, symmetric or not, per-tensor, per-channel or per-group, ``scale_dtype``, and
+    ``calib_algo``: ``mse`` searches each group's range as the reference's ``mse`` quantizer does),
+    so with ``H = I`` GPTQ is exactly RTN. A Hessian that is not positive definite after damping is retried
     with 10x the damping (logged), never producing NaNs. Each layer's GPTQ loss, damping and dead
     inputs are logged (``llmc.gptq``) and kept in ``self.log``.
 
@@ -138,11 +139,11 @@ class Gptq(Method):
         """Act-order without static groups stores a ``g_idx``: refuse the packed int4 layouts."""
         opts = run_config.special
         if opts is not None and opts.awq is not None:  # the AWQ step's files (save_scale, save_clip)
-            from types import SimpleNamespace
+            from dataclasses import replace
 
             from llmc_plugins.methods.awq import Awq
 
-            Awq.check(SimpleNamespace(special=opts.awq, save=run_config.save, resume=run_config.resume))
+            Awq.check(replace(run_config, special=opts.awq))  # the run's config with AWQ's options as its own
         if opts is None or not opts.actorder or opts.static_groups:
             return
         why = "quant.special.actorder: true forms quantization groups in a permuted column order (g_idx), which the AWQ GEMM layout cannot hold; set quant.special.static_groups: true, or actorder: false"

@@ -1,0 +1,29 @@
+"""Format rules: which weight specs each packed format can hold, and the config entry that marks it.
+
+Low in the stack (no torch, no file writing), so config validation, savers, the packing code and
+the format writers all ask the same function and the imports go one way:
+``rules`` ← ``pack`` ← ``qlinear`` ← ``awq_format``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def awq_problems(bit: int, granularity: str, group_size: int | None) -> list[str]:
+    """Why a weight spec cannot be written in the AWQ GEMM layout (empty list: it can).
+
+    Symmetric specs can: their codes are stored with zero point 8 (AutoAWQ's ``zero_point:
+    false`` has no GEMM checkpoint form, so llmc never writes it).
+    """
+    out = []
+    if bit != 4:
+        out.append(f"the AWQ GEMM format holds 4-bit weights only (quant.weight.bit is {bit})")
+    if granularity != "per_group":
+        out.append(f"the AWQ GEMM format holds per-group scales only (quant.weight.granularity is {granularity}); use per_group with group_size 128 (or 64)")
+    return out
+
+
+def awq_quantization_config(group_size: int, not_converted: list[str]) -> dict[str, Any]:
+    """The ``config.json`` entry that marks an AWQ GEMM checkpoint."""
+    return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm", "modules_to_not_convert": not_converted}
