@@ -9,6 +9,7 @@ like on whatever load the machine has.
     LLMC_DATA=../shared/data python benchmarks/awq_speed.py            # all variants, 21 windows
     python benchmarks/awq_speed.py --windows 4 --only rtn-w4 awq-w4-16  # a quick look
     python benchmarks/awq_speed.py --only rtn-w4 gptq-w4-128 gptq-w4-128-act  # GPTQ rows
+    python benchmarks/awq_speed.py --windows 1 --only awq-w4-16 awq-w4-16-fp32  # search_dtype auto vs float32
 
 The table's first lines name the CPU (and GPU) and the dtype ``search_dtype: auto`` picks there.
 
@@ -39,6 +40,7 @@ GPTQ_CONFIG = ROOT / "configs" / "quickstart" / "gptq_w4g64_smollm2.yml"
 VARIANTS = {
     "rtn-w4": ("RTN", 4, 0, False),
     "awq-w4-16": ("Awq", 4, 16, True),
+    "awq-w4-16-fp32": ("Awq", 4, 16, True),
     "awq-w4-128": ("Awq", 4, 128, True),
     "rtn-w3": ("RTN", 3, 0, False),
     "awq-w3-16": ("Awq", 3, 16, True),
@@ -48,6 +50,9 @@ VARIANTS = {
     "gptq-w3-128": ("GPTQ", 3, 128, False),
     "gptq-w3-128-act": ("GPTQ", 3, 128, False),
 }
+# Overrides beyond the tuple: the default search_dtype (auto) against an explicit float32, to
+# check that auto's choice costs nothing on this machine.
+EXTRA = {"awq-w4-16-fp32": ["quant.special.search_dtype=float32"]}
 # GPTQ variants: act-order (with static groups, so the AWQ-GEMM layout holds) or columns in order.
 GPTQ_ACTORDER = {name: name.endswith("-act") for name in VARIANTS if name.startswith("gptq")}
 
@@ -72,6 +77,7 @@ def run_variant(name: str, windows: int, out: Path, positions: list[str]) -> dic
     else:
         # clip_version v2 clamps at quantization time: the transformed float model stays exact.
         overrides += [f"calib.n_samples={samples}", f"quant.special.weight_clip={str(clip).lower()}", "quant.special.clip_version=v2"]
+    overrides += EXTRA.get(name, [])
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "llmc_core", "run", "-q", str(config), *overrides], capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start

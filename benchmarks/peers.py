@@ -1,28 +1,37 @@
-"""llmc's GPTQ next to llm-compressor's on SmolLM2-135M: time and WikiText-2 perplexity, one table.
+"""llmc next to llm-compressor on SmolLM2-135M, in one run: AWQ and GPTQ, wall time, peak memory, PPL.
 
-NOT RUN YET: written without a machine that could install llm-compressor (a ~2 GB venv with its
-own torch); expect to fix small API details on the first run. What it does, in one invocation:
+What one invocation does:
 
-1. converts the GGUF model once to a Hugging Face folder (``OUT/hf_model``), which both tools read;
-2. draws the calibration ids once with llmc's own C4 ``random_window`` recipe (128 x 512 tokens,
-   seed 42) and writes them to ``OUT/calib_ids.json``; llmc's runs draw the same ids from the same
-   config (the recipe is deterministic), llm-compressor gets them from the file;
-3. builds ``OUT/peer-venv`` with ``llmcompressor==LLMCOMPRESSOR_VERSION`` (pinned; ``--venv`` to
-   reuse one) and runs its ``oneshot`` + ``GPTQModifier`` (W4A16 / W3A16, asymmetric, group 64,
-   dampening 0.01, block 128, act-order "weight" = llmc's ``actorder`` with ``static_groups``),
-   then writes each quantized model as dense fake-quantized weights (codes x scales recomputed
-   from the observer's ``weight_scale`` / ``weight_zero_point``, idempotent if llm-compressor
-   already wrote fake-quantized weights) with no ``quantization_config``, so plain transformers
-   loads it;
-4. runs ``llmc run`` with GPTQ on the same folder and ids (``quant_out: true``, as
-   llm-compressor's sequential pipeline feeds each layer the quantized previous layers' outputs),
-   and llmc's PPL evaluator (``eval_pos: [pretrain]`` on the peer's folder) on every output.
+1. converts the GGUF model once to a Hugging Face folder (``OUT/hf_model``, float32), which both
+   tools read;
+2. draws the calibration ids once with llmc's C4 ``random_window`` recipe (``--samples`` x 512
+   tokens, seed 42) and writes them to ``OUT/calib_ids.json``; llmc's runs (AWQ's too, with
+   ``calib.preproc=random_window``) draw the same ids with the same recipe, seed and tokenizer
+   (the recipe is deterministic), llm-compressor reads them from the file;
+3. builds ``OUT/peer-venv`` (or uses ``--venv``) with torch 2.13.0 (the CPU wheel on this disk),
+   ``llmcompressor==LLMCOMPRESSOR_VERSION`` and the pins it needs to run (``PEER_PINS``);
+4. per method and bit width: ``llmc run`` (AWQ: the quick-start recipe, scales + clipping;
+   GPTQ: act-order with static groups, ``quant_out``) and llm-compressor's ``oneshot`` with
+   ``AWQModifier`` (its defaults: duo scaling, no clipping) or ``GPTQModifier`` (dampening 0.01,
+   block 128, ``actorder: weight`` = llmc's act-order with static groups), both W{bits}A16
+   asymmetric, group 64, ``lm_head`` left in float;
+5. writes llm-compressor's result as dense fake-quantized weights (compressed-tensors' own
+   ``fake_quantize`` with each layer's ``weight_scale`` / ``weight_zero_point`` / ``g_idx``,
+   idempotent where GPTQ already wrote them) with no ``quantization_config``, and measures every model with llmc's PPL evaluator (WikiText-2 test,
+   first ``--windows`` windows of 2048 tokens).
 
-    LLMC_DATA=../shared/data python benchmarks/peers.py            # 21 windows, w4 and w3
-    python benchmarks/peers.py --windows 4 --bits 4 --venv /opt/peer-venv
+Columns: ``method s`` is llmc's method stages (transform + quantize) / llm-compressor's
+``oneshot`` call, neither counting model loading or evaluation; ``peak RSS`` is the process's
+peak resident memory at the end of that (model included); ``dtype`` is the precision of AWQ's
+search (llmc: what ``search_dtype: auto`` chose, from its log; llm-compressor: the model's);
+``÷ peer`` divides llmc's figure by llm-compressor's for the same method and bits.
 
-Columns: ``quant s`` is llmc's GPTQ transform stage / llm-compressor's ``oneshot`` call (both
-exclude loading and evaluation); ``x llmc`` divides the peer's figure by llmc's.
+    LLMC_DATA=../shared/data python benchmarks/peers.py                  # AWQ+GPTQ, w4+w3, 128 samples
+    python benchmarks/peers.py --bits 4 --methods gptq --out /tmp/peers --venv /tmp/peer-venv
+
+CPU-only torch: llm-compressor 0.6.0's calibration DataLoader asks for ``pin_memory=True``; the
+peer script turns it off before ``oneshot`` (``_no_pin_memory``), since pinning needs an
+accelerator. Nothing else of llm-compressor is changed.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,100 +49,139 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "quickstart" / "gptq_w4g64_smollm2.yml"
+CONFIGS = {"gptq": ROOT / "configs" / "quickstart" / "gptq_w4g64_smollm2.yml", "awq": ROOT / "configs" / "quickstart" / "awq_w4g64_smollm2.yml"}
 LLMCOMPRESSOR_VERSION = "0.6.0"
-SEED, N_SAMPLES, SEQ_LEN, GROUP = 42, 128, 512, 64
+# llmcompressor 0.6.0 imports with numpy 1.x (pyarrow and datasets before those that need numpy 2)
+# and traces models with torch.fx, which transformers' vmap masks of 4.53+ break.
+PEER_PINS = ("transformers==4.52.4", "datasets<4", "pyarrow<20")
+SEED, SEQ_LEN, GROUP = 42, 512, 64
 
 PEER_SCRIPT = textwrap.dedent(
     '''
-    import json, sys, time
+    import json, resource, sys, time
     import torch
+    import torch.utils.data
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from llmcompressor import oneshot
 
-    model_dir, ids_file, out_dir, bits, group = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    model_dir, ids_file, out_dir, method, bits, group = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+
+    def _no_pin_memory():
+        """Pinning host memory needs an accelerator; on a CPU-only torch the loader must not ask."""
+        init = torch.utils.data.DataLoader.__init__
+        def patched(self, *a, **kw):
+            kw["pin_memory"] = False
+            init(self, *a, **kw)
+        torch.utils.data.DataLoader.__init__ = patched
+
+    if not torch.cuda.is_available():
+        _no_pin_memory()
     ids = json.load(open(ids_file))
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
-    recipe = f"""
-    quant_stage:
-      quant_modifiers:
-        GPTQModifier:
-          dampening_frac: 0.01
-          block_size: 128
-          ignore: ["lm_head"]
-          config_groups:
-            group_0:
-              targets: ["Linear"]
-              weights: {{num_bits: {bits}, type: int, symmetric: false, strategy: group, group_size: {group}, actorder: weight}}
-    """
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    weights = {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group", "group_size": group}
+    if method == "gptq":
+        weights["actorder"] = "weight"
+    groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+    if method == "gptq":
+        modifier = GPTQModifier(dampening_frac=0.01, block_size=128, ignore=["lm_head"], config_groups=groups)
+    else:
+        modifier = AWQModifier(duo_scaling=True, ignore=["lm_head"], config_groups=groups)
     start = time.perf_counter()
-    oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=len(ids[0]), num_calibration_samples=len(ids))
+    oneshot(model=model, dataset=data, recipe=[modifier], max_seq_length=len(ids[0]), num_calibration_samples=len(ids))
     seconds = time.perf_counter() - start
-    qmax = 2 ** bits - 1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The dense weights llm-compressor's own fake quantization gives (compressed-tensors' signed
+    # int range and zero points), so the folder is its quantized model as plain transformers loads it.
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    n = 0
     with torch.no_grad():
         for name, m in model.named_modules():
             scale = getattr(m, "weight_scale", None)
-            if not isinstance(m, torch.nn.Linear) or scale is None:
+            scheme = getattr(m, "quantization_scheme", None)
+            if not isinstance(m, torch.nn.Linear) or scale is None or scheme is None:
                 continue
-            zp = getattr(m, "weight_zero_point", torch.zeros_like(scale)).float()
-            w = m.weight.float()
-            s = scale.float().repeat_interleave(group, dim=1)[:, : w.shape[1]]
-            z = zp.repeat_interleave(group, dim=1)[:, : w.shape[1]]
-            q = torch.clamp(torch.round(w / s) + z, 0, qmax)
-            m.weight.copy_(((q - z) * s).to(m.weight.dtype))
+            m.weight.copy_(fake_quantize(m.weight, scale, m.weight_zero_point, scheme.weights, g_idx=getattr(m, "weight_g_idx", None)))
+            n += 1
             for extra in ("weight_scale", "weight_zero_point", "weight_g_idx"):
                 if hasattr(m, extra):
                     delattr(m, extra)
+    if not n:
+        raise SystemExit("llm-compressor left no weight_scale on any Linear: nothing was quantized")
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # The class's save_pretrained, not the one oneshot installs on the model, which would pack the
+    # weights into compressed-tensors again: the folder must be dense float weights.
+    from transformers import PreTrainedModel
+    PreTrainedModel.save_pretrained(model, out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     import llmcompressor
-    print(json.dumps({"seconds": seconds, "version": llmcompressor.__version__}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "layers": n, "version": llmcompressor.__version__}))
     '''
 )
 
 
-def llmc(args: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "llmc_core", "run", "-q", *args], capture_output=True, text=True, check=False)
+def llmc(args: list[str], log_file: Path | None = None) -> str:
+    """``llmc run ARGS``; returns its log (stderr), also written to ``log_file``."""
+    proc = subprocess.run([sys.executable, "-m", "llmc_core", "run", *args], capture_output=True, text=True, check=False)
+    if log_file is not None:
+        log_file.write_text(proc.stderr)
     if proc.returncode:
         raise SystemExit(f"llmc run {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stderr
+
+
+def results(save_path: Path) -> dict:
+    return json.loads((save_path / "results.json").read_text())
 
 
 def ppl_of(save_path: Path, position: str) -> float:
-    payload = json.loads((save_path / "results.json").read_text())
-    return next(r["value"] for r in payload["results"] if r["position"] == position)
+    return next(r["value"] for r in results(save_path)["results"] if r["position"] == position)
 
 
-def stage_seconds(save_path: Path, suffix: str) -> float:
-    payload = json.loads((save_path / "results.json").read_text())
-    return sum(s["seconds"] for s in payload["stages"] if s["stage"].endswith(suffix))
+def method_stages(save_path: Path) -> tuple[float, float]:
+    """Seconds of the method's stages (transform, quantize) and the peak RSS at their end."""
+    stages = [s for s in results(save_path)["stages"] if s["stage"].endswith(" transform") or s["stage"] == "quantize"]
+    return sum(s["seconds"] for s in stages), max(s["peak_rss_mb"] for s in stages)
 
 
 def convert(out: Path) -> Path:
     """The GGUF model as a HF folder (float32), once."""
     target = out / "hf_model"
-    if (target / "config.json").is_file():
-        return target
-    from llmc_core import config
+    if not (target / "config.json").is_file():
+        from llmc_core import config
 
-    cfg = config.load(CONFIG, [f"save.save_path={out / 'convert'}", "save.overwrite=true"])
-    model, tok = cfg.model_family().load(cfg.model)
-    model.save_pretrained(target, safe_serialization=True)
-    tok.save_pretrained(target)
+        cfg = config.load(CONFIGS["gptq"], [f"save.save_path={out / 'convert'}", "save.overwrite=true"])
+        model, tok = cfg.model_family().load(cfg.model)
+        model.save_pretrained(target, safe_serialization=True)
+        tok.save_pretrained(target)
+    _portable_tokenizer(target)
     return target
 
 
-def calibration_ids(out: Path, hf: Path) -> Path:
-    """llmc's calibration samples for CONFIG (C4, random_window, seed 42) with the HF folder's
-    tokenizer, as token id lists: what ``llmc run`` on that folder draws."""
+def _portable_tokenizer(folder: Path) -> None:
+    """transformers 5 names its fast tokenizers ``TokenizersBackend``, a class the peer's pinned
+    transformers 4 does not know; both read ``PreTrainedTokenizerFast`` from the same
+    ``tokenizer.json``, so the token ids are the same."""
+    path = folder / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(cfg, indent=2))
+
+
+def calibration_ids(out: Path, hf: Path, n_samples: int) -> Path:
+    """llmc's calibration samples for the GPTQ config (C4, random_window, seed 42) with the HF
+    folder's tokenizer, as token id lists: what ``llmc run`` on that folder draws."""
     from llmc_core import config
     from llmc_core.plugins import get_manager
 
-    cfg = config.load(CONFIG, [f"save.save_path={out / 'convert'}", "save.overwrite=true", f"model.path={hf}", "model.type=llama"])
+    cfg = config.load(CONFIGS["gptq"], [f"save.save_path={out / 'convert'}", "save.overwrite=true", f"model.path={hf}", "model.type=llama", f"calib.n_samples={n_samples}"])
     c = cfg.calib
     manager = get_manager()
     _, tok = cfg.model_family().load(cfg.model)
@@ -144,47 +194,88 @@ def calibration_ids(out: Path, hf: Path) -> Path:
 
 def peer_venv(path: Path) -> Path:
     python = path / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"llmcompressor=={LLMCOMPRESSOR_VERSION}"], check=True)
+    if not (path / ".complete").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(path)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"llmcompressor=={LLMCOMPRESSOR_VERSION}", *PEER_PINS], check=True)
+        (path / ".complete").touch()
     return python
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def run_llmc(method: str, bit: int, out: Path, common: list[str], n_samples: int, first: bool, reuse: bool) -> dict:
+    """One llmc run; the first also measures the float model (``pretrain``). ``reuse``: take a
+    finished run's results and log from ``out`` instead of running it again."""
+    mine = out / f"llmc_{method}_w{bit}"
+    log_file = out / f"llmc_{method}_w{bit}.log"
+    positions = "[pretrain, fake_quant]" if first else "[fake_quant]"
+    overrides = [*common, f"save.save_path={mine}", "save.overwrite=true", f"quant.weight.bit={bit}", f"eval.eval_pos={positions}", f"calib.n_samples={n_samples}", "calib.preproc=random_window"]
+    if reuse and (mine / "results.json").is_file() and log_file.is_file():
+        log = log_file.read_text()
+    else:
+        log = llmc([str(CONFIGS[method]), *overrides], log_file)
+    seconds, peak = method_stages(mine)
+    chosen = re.search(r"search_dtype auto: (\w+)", log)
+    dtype = chosen.group(1) if chosen else ("float32" if method == "gptq" else "?")
+    return {"tool": "llmc", "method": method, "bit": bit, "seconds": seconds, "peak_mb": peak, "dtype": dtype, "ppl": ppl_of(mine, "fake_quant"), "fp": ppl_of(mine, "pretrain") if first else None}
+
+
+def run_peer(python: Path, method: str, bit: int, out: Path, hf: Path, ids: Path, common: list[str]) -> dict:
+    peer = out / f"peer_{method}_w{bit}"
+    proc = subprocess.run([str(python), "-c", PEER_SCRIPT, str(hf), str(ids), str(peer / "model"), method, str(bit), str(GROUP)], capture_output=True, text=True, check=False, cwd=out)  # its sparse_logs/ go to OUT
+    (out / f"peer_{method}_w{bit}.log").write_text(proc.stderr)
+    if proc.returncode:
+        raise SystemExit(f"llm-compressor {method} w{bit} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    (out / f"peer_{method}_w{bit}.json").write_text(proc.stdout)
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    eval_args = [*common, f"model.path={peer / 'model'}", f"save.save_path={peer / 'eval'}", "save.overwrite=true", "eval.eval_pos=[pretrain]", "quant=null", "calib=null", "save.save_fake=false"]
+    llmc([str(CONFIGS["gptq"]), *eval_args])
+    return {"tool": f"llm-compressor {info['version']}", "method": method, "bit": bit, "seconds": info["seconds"], "peak_mb": info["peak_rss_mb"], "dtype": "float32", "ppl": ppl_of(peer / "eval", "pretrain")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=21)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--methods", nargs="+", choices=sorted(CONFIGS), default=["gptq", "awq"])
+    ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--venv", type=Path, default=None, help="llm-compressor's venv (built with the pinned version if missing)")
+    ap.add_argument("--reuse", action="store_true", help="keep llmc runs already finished in --out (their results.json and log)")
     args = ap.parse_args()
     os.environ.setdefault("LLMC_DATA", str(ROOT.parent / "shared" / "data"))
     out = args.out or Path(tempfile.mkdtemp(prefix="peers_"))
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     hf = convert(out)
-    ids = calibration_ids(out, hf)
+    ids = calibration_ids(out, hf, args.samples)
     python = peer_venv(args.venv or out / "peer-venv")
     common = [f"model.path={hf}", "model.type=llama", f"eval.num_samples={args.windows}"]
     rows = []
-    for bit in args.bits:
-        mine = out / f"llmc_w{bit}"
-        start = time.perf_counter()
-        llmc([str(CONFIG), *common, f"save.save_path={mine}", "save.overwrite=true", f"quant.weight.bit={bit}", "eval.eval_pos=[pretrain, fake_quant]"])
-        rows.append({"tool": "llmc", "bit": bit, "quant_s": stage_seconds(mine, "transform"), "run_s": time.perf_counter() - start, "ppl": ppl_of(mine, "fake_quant"), "fp": ppl_of(mine, "pretrain")})
-        peer = out / f"peer_w{bit}"
-        start = time.perf_counter()
-        proc = subprocess.run([str(python), "-c", PEER_SCRIPT, str(hf), str(ids), str(peer / "model"), str(bit), str(GROUP)], capture_output=True, text=True, check=False)
-        if proc.returncode:
-            raise SystemExit(f"llm-compressor w{bit} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        info = json.loads(proc.stdout.strip().splitlines()[-1])
-        wall = time.perf_counter() - start
-        llmc([str(CONFIG), *common, f"model.path={peer / 'model'}", f"save.save_path={peer / 'eval'}", "save.overwrite=true", "eval.eval_pos=[pretrain]", "quant=null", "calib=null", "save.save_fake=false"])
-        rows.append({"tool": f"llm-compressor {info['version']}", "bit": bit, "quant_s": info["seconds"], "run_s": wall, "ppl": ppl_of(peer / "eval", "pretrain")})
-    print(f"SmolLM2-135M fp32 (HF folder from the GGUF), GPTQ W{{4,3}}A16 asym g{GROUP}, {N_SAMPLES}x{SEQ_LEN} C4 ids shared; WikiText-2 test, first {args.windows} windows; fp32 PPL {rows[0]['fp']:.3f}")
-    head = f"{'tool':<22} {'bits':>4} {'quant s':>8} {'PPL':>8} {'x llmc time':>11} {'x llmc PPL':>10}"
+    for method in args.methods:
+        for bit in args.bits:
+            rows.append(run_llmc(method, bit, out, common, args.samples, first=not rows, reuse=args.reuse))
+            rows.append(run_peer(python, method, bit, out, hf, ids, common))
+            print(f"done {method} w{bit} after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    print(f"SmolLM2-135M fp32 (HF folder from the GGUF) on {cpu_name()}; W{{{','.join(map(str, args.bits))}}}A16 asym g{GROUP}; {args.samples}x{SEQ_LEN} C4 ids shared; WikiText-2 test, first {args.windows} windows; fp32 PPL {rows[0]['fp']:.3f}")
+    head = f"| {'tool':<20} | {'method':<6} | bits | samples | {'method s':>9} | {'peak RSS MB':>11} | {'dtype':<8} | {'PPL':>7} | {'÷ peer time':>11} | {'÷ peer PPL':>10} |"
     print(head)
-    print("-" * len(head))
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
-        ref = next(x for x in rows if x["tool"] == "llmc" and x["bit"] == r["bit"])
-        print(f"{r['tool']:<22} {r['bit']:>4} {r['quant_s']:>8.1f} {r['ppl']:>8.3f} {r['quant_s'] / ref['quant_s']:>11.2f} {r['ppl'] / ref['ppl']:>10.3f}")
+        peer = next(x for x in rows if x["tool"] != "llmc" and x["method"] == r["method"] and x["bit"] == r["bit"])
+        ratio_t = f"{r['seconds'] / peer['seconds']:.2f}" if r["tool"] == "llmc" else ""
+        ratio_p = f"{r['ppl'] / peer['ppl']:.4f}" if r["tool"] == "llmc" else ""
+        print(f"| {r['tool']:<20} | {r['method']:<6} | {r['bit']:>4} | {args.samples:>7} | {r['seconds']:>9.1f} | {r['peak_mb']:>11.0f} | {r['dtype']:<8} | {r['ppl']:>7.3f} | {ratio_t:>11} | {ratio_p:>10} |")
+    print(f"total {time.perf_counter() - start:.0f} s; outputs in {out}")
 
 
 if __name__ == "__main__":
