@@ -99,3 +99,22 @@ def test_a_large_batch_is_forwarded_in_slices_with_the_same_outputs(monkeypatch)
     handle.remove()
     assert calls == [2, 2, 1]
     torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_split_call_cuts_per_sample_tensors_only():
+    """A batch of as many samples as tokens: the per-sample mask is cut, the per-position
+    ``cache_position`` (1-D) and the shared position embeddings (``[1, seq, d]``) are not."""
+    from llmc_core.blockwise import split_call
+
+    n = seq = 4
+    h = torch.randn(n, seq, 8)
+    kw = {"attention_mask": torch.zeros(n, 1, seq, seq), "cache_position": torch.arange(seq), "position_embeddings": (torch.ones(1, seq, 2), torch.ones(1, seq, 2))}
+    calls = list(split_call((h,), kw, max_tokens=2 * seq))
+    assert [a[0].shape[0] for a, _ in calls] == [2, 2]
+    for (part,), part_kw in calls:
+        assert part_kw["attention_mask"].shape[0] == 2
+        assert part_kw["cache_position"].shape == (seq,)
+        assert part_kw["position_embeddings"][0].shape == (1, seq, 2)
+    torch.testing.assert_close(torch.cat([a[0] for a, _ in calls]), h)
+    assert [a[0].shape[0] for a, _ in split_call((h,), kw, size=3)] == [3, 1]
+    assert len(list(split_call((h,), kw))) == 1  # 16 tokens fit FORWARD_TOKENS: the call stays whole

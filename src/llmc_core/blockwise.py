@@ -7,7 +7,7 @@ block plus the cached activations, so models larger than the device can be calib
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,23 +91,33 @@ class BlockContext:
         it, and ``calib.bs: -1`` puts every calibration sample in one batch."""
         outs = []
         for h, kw in zip(inputs or self.inputs, kwargs or self.kwargs):
-            n = h.shape[0]
-            size = max(1, FORWARD_TOKENS // max(1, h.shape[1]))
-            if n <= size or n == h.shape[1]:  # n == seq_len: a per-position kwarg could pass for a batch one
-                outs.append(first_tensor(self.block(h, **kw)))
-                continue
-            parts = [first_tensor(self.block(h[i : i + size], **{k: cut_batch(v, n, slice(i, i + size)) for k, v in kw.items()})) for i in range(0, n, size)]
-            outs.append(torch.cat(parts))
+            parts = [first_tensor(self.block(*a, **k)) for a, k in split_call((h,), kw)]
+            outs.append(torch.cat(parts) if len(parts) > 1 else parts[0])
         return outs
+
+
+def split_call(args: tuple, kwargs: dict[str, Any], max_tokens: int | None = None, size: int | None = None) -> Iterator[tuple[tuple, dict[str, Any]]]:
+    """One module call on a batch as calls on consecutive slices of whole samples: ``size``
+    samples each, or as many as hold ``max_tokens`` tokens (default :data:`FORWARD_TOKENS`). The
+    hidden states are ``args[0]`` (or ``hidden_states=``); every tensor cut is cut as
+    :func:`cut_batch` says. The call is yielded whole when it fits."""
+    x = hidden_of(args, kwargs)
+    n = x.shape[0]
+    if size is None:
+        per_sample = max(1, x[0].numel() // max(1, x.shape[-1]))
+        size = max(1, (FORWARD_TOKENS if max_tokens is None else max_tokens) // per_sample)
+    if size >= n:
+        yield args, kwargs
+        return
+    for i in range(0, n, size):
+        part = slice(i, i + size)
+        yield tuple(cut_batch(a, n, part) for a in args), {k: cut_batch(v, n, part) for k, v in kwargs.items()}
 
 
 def first_tensor(out: Any) -> torch.Tensor:
     """The output tensor of a module call: decoder blocks return a tensor (transformers 5) or a
     tuple whose first item is one, attention modules a tuple ``(output, weights, ...)``."""
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-block_output = first_tensor  # the name of a block's output, as methods call it
 
 
 def sub_batches(inputs: list[torch.Tensor], kwargs: list[dict[str, Any]], max_tokens: int) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[slice]]:
@@ -128,10 +138,17 @@ def sub_batches(inputs: list[torch.Tensor], kwargs: list[dict[str, Any]], max_to
     return out_h, out_kw, kept
 
 
+def hidden_of(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden-state input of a module call (first positional, or ``hidden_states=``)."""
+    return args[0] if args else kwargs.get("hidden_states", next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+
+
 def cut_batch(v: Any, n: int, part: slice) -> Any:
-    """``v[part]`` for tensors (also inside tuples and lists) whose first dimension is the batch
-    size ``n``; anything else (e.g. position embeddings shared by the batch) is passed whole."""
-    if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n:
+    """``v[part]`` for tensors of two or more dimensions (also inside tuples and lists) whose first
+    dimension is the batch size ``n``; anything else is passed whole: position embeddings shared
+    by the batch (``[1, seq, d]``) and one-dimensional per-position inputs (``cache_position``,
+    ``[seq]``, which a batch of ``seq`` samples must not cut)."""
+    if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == n:
         return v[part]
     if isinstance(v, (tuple, list)):
         return type(v)(cut_batch(x, n, part) for x in v)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from llmc_core.blockwise import cut_batch, first_tensor
+from llmc_core.blockwise import first_tensor, hidden_of, split_call
 
 
 @contextmanager
@@ -106,24 +106,8 @@ CHUNK_TOKENS = 8192
 
 def chunks(args: tuple, kwargs: dict, size: int | None):
     """Split one batch's call into sub-batches of ``size`` samples (``awq_bs``; default: as many as
-    make :data:`CHUNK_TOKENS` tokens). Tensors whose first dimension is not the batch size (e.g.
-    position embeddings shared by the batch) are passed whole."""
-    x = _hidden(args, kwargs)
-    n = x.shape[0]
-    if size is None:
-        size = max(1, CHUNK_TOKENS // max(1, x[0].numel() // x.shape[-1]))
-    if size >= n:
-        yield args, kwargs
-        return
-
-    for i in range(0, n, size):
-        part = slice(i, i + size)
-        yield tuple(cut_batch(a, n, part) for a in args), {k: cut_batch(v, n, part) for k, v in kwargs.items()}
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden-state input of a recorded call (first positional, or ``hidden_states=``)."""
-    return args[0] if args else kwargs.get("hidden_states", next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+    make :data:`CHUNK_TOKENS` tokens), as :func:`llmc_core.blockwise.split_call` cuts them."""
+    return split_call(args, kwargs, max_tokens=CHUNK_TOKENS, size=size)
 
 
 def _module_hooks(t: Target, cap: ModuleCapture, dtype: torch.dtype | None) -> list[Any]:
@@ -140,7 +124,7 @@ def _module_hooks(t: Target, cap: ModuleCapture, dtype: torch.dtype | None) -> l
         cap.act.add(args[0])
 
     def pre_inspect_act(module, args, kwargs):
-        cap.act.add(_hidden(args, kwargs))
+        cap.act.add(hidden_of(args, kwargs))
 
     handles = [t.inspect.register_forward_pre_hook(pre_inspect, with_kwargs=True)]
     if isinstance(t.layers[0], torch.nn.Module):

@@ -22,11 +22,6 @@ UNSUPPORTED = {
     "quant_out": "it is a quant-level key in llmc as in ModelTC's configs: move it to quant.quant_out",
 }
 
-# Block forwards that collect the Hessians take at most this many tokens at a time (memory only;
-# XᵀX sums the same).
-CHUNK_TOKENS = 8192
-
-
 class GptqConfig(StrictModel):
     """``quant.special`` for ``method: GPTQ`` (see :class:`Gptq` for each field)."""
 
@@ -260,7 +255,7 @@ class Gptq(Method):
         is not needed); otherwise the full forward's outputs are returned (one tensor per batch)."""
         import torch
 
-        from llmc_core.blockwise import block_output, cut_batch
+        from llmc_core.blockwise import first_tensor, split_call
 
         class _Done(Exception):
             pass
@@ -281,14 +276,11 @@ class Gptq(Method):
         try:
             with torch.no_grad():
                 for h, kw in zip(ctx.inputs, ctx.kwargs):
-                    n = h.shape[0]
-                    size = max(1, CHUNK_TOKENS // max(1, h.shape[1]))
                     outs = []
-                    for i in range(0, n, size):
-                        part = slice(i, i + size)
+                    for args, part_kw in split_call((h,), kw):  # bounded activations; XᵀX sums the same
                         seen.clear()
                         try:
-                            outs.append(block_output(ctx.block(h[part], **{k: cut_batch(v, n, part) for k, v in kw.items()})))
+                            outs.append(first_tensor(ctx.block(*args, **part_kw)))
                         except _Done:
                             pass
                     if not stop_early:
