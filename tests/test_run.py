@@ -173,3 +173,17 @@ def test_methods_see_quant_out_on_the_block_context(quant_out, tiny_model_dir, t
     else:  # a separate quantize pass after the transform pass
         expected = [("transform", 0, False), ("transform", 1, False), ("quantize", 0, False), ("quantize", 1, False)]
     assert probe.seen == expected
+
+
+@pytest.mark.skipif(not __import__("os").access("/proc/self/clear_refs", __import__("os").W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_each_stage_records_its_own_peak_memory(tiny_model_dir, tiny_text_file, tmp_path):
+    """A stage that touches 256 MB and frees it, then one that allocates nothing: the second's
+    peak RSS is its own (well below the first's), not the process's peak so far."""
+    run = Run(config.validate(run_config(tiny_model_dir, tiny_text_file, tmp_path / "out")))
+    with run.stage("big"):
+        big = torch.ones(64 * 2**20)  # 256 MB, every page written
+        del big
+    with run.stage("small"):
+        pass
+    big, small = run.stages
+    assert big["peak_rss_mb"] - small["peak_rss_mb"] > 200

@@ -61,13 +61,14 @@ class Run:
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        own = _reset_peak_rss()
         start = time.perf_counter()
         log.info("%s ...", name)
         self.current_stage = name
         yield
         self.current_stage = None
         seconds = time.perf_counter() - start
-        record = {"stage": name, "seconds": round(seconds, 2), "peak_rss_mb": _peak_rss_mb()}
+        record = {"stage": name, "seconds": round(seconds, 2), "peak_rss_mb": _peak_rss_mb(own)}
         if torch.cuda.is_available():
             record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         self.stages.append(record)
@@ -294,7 +295,25 @@ class Run:
         torch.manual_seed(seed)
 
 
-def _peak_rss_mb() -> float:
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak resident memory (Linux's VmHWM) to what it holds now, so that a
+    stage's peak is its own, not the run's so far. False where the system has no such reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb(own: bool) -> float:
+    """Peak resident memory in MiB: since the last :func:`_reset_peak_rss` when ``own``, else the
+    process's whole peak (``ru_maxrss``)."""
+    if own:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

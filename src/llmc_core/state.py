@@ -46,7 +46,7 @@ class RunState(Protocol):
     saved: dict[str, Path]  # saver name -> folder written
     cache: dict[Any, Any]  # shared by evaluators across positions (e.g. tokenized eval text)
     layer_errors: LayerErrors  # per-layer quantization error, for the report
-    stages: list[dict[str, Any]]  # ``{stage, seconds, peak_rss_mb[, peak_cuda_mb]}`` per finished stage
+    stages: list[dict[str, Any]]  # ``{stage, seconds, peak_rss_mb[, peak_cuda_mb]}`` per finished stage (each peak the stage's own)
     checkpoint: Any  # the block checkpoint (``llmc_core.checkpoint``), a do-nothing one without
 
 
