@@ -22,7 +22,8 @@ What one invocation does:
 
 Columns: ``method s`` is llmc's method stages (transform + quantize) / llm-compressor's
 ``oneshot`` call, neither counting model loading or evaluation; ``peak RSS`` is the process's
-peak resident memory at the end of that (model included); ``dtype`` is the precision of AWQ's
+peak resident memory during that (model included; on Linux both reset the peak, VmHWM, when it
+starts, so loading and evaluation before it do not count); ``dtype`` is the precision of AWQ's
 search (llmc: what ``search_dtype: auto`` chose, from its log; llm-compressor: the model's);
 ``÷ peer`` divides llmc's figure by llm-compressor's for the same method and bits.
 
@@ -92,10 +93,26 @@ PEER_SCRIPT = textwrap.dedent(
         modifier = GPTQModifier(dampening_frac=0.01, block_size=128, ignore=["lm_head"], config_groups=groups)
     else:
         modifier = AWQModifier(duo_scaling=True, ignore=["lm_head"], config_groups=groups)
+    def reset_peak():  # the peak of oneshot alone, as llmc's stages record theirs (Linux)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def peak_mb(own):
+        if own:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    own = reset_peak()
     start = time.perf_counter()
     oneshot(model=model, dataset=data, recipe=[modifier], max_seq_length=len(ids[0]), num_calibration_samples=len(ids))
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb(own)
     # The dense weights llm-compressor's own fake quantization gives (compressed-tensors' signed
     # int range and zero points), so the folder is its quantized model as plain transformers loads it.
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -212,13 +229,16 @@ def cpu_name() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def run_llmc(method: str, bit: int, out: Path, common: list[str], n_samples: int, first: bool, reuse: bool) -> dict:
+def run_llmc(method: str, bit: int, out: Path, common: list[str], n_samples: int, first: bool, reuse: bool, variant: tuple[str, list[str]] = ("", [])) -> dict:
     """One llmc run; the first also measures the float model (``pretrain``). ``reuse``: take a
-    finished run's results and log from ``out`` instead of running it again."""
-    mine = out / f"llmc_{method}_w{bit}"
-    log_file = out / f"llmc_{method}_w{bit}.log"
+    finished run's results and log from ``out`` instead of running it again. ``variant``: a
+    label and the overrides that make it (``--variant``)."""
+    label, extra = variant
+    tag = f"llmc_{method}_w{bit}" + (f"_{label}" if label else "")
+    mine = out / tag
+    log_file = out / f"{tag}.log"
     positions = "[pretrain, fake_quant]" if first else "[fake_quant]"
-    overrides = [*common, f"save.save_path={mine}", "save.overwrite=true", f"quant.weight.bit={bit}", f"eval.eval_pos={positions}", f"calib.n_samples={n_samples}", "calib.preproc=random_window"]
+    overrides = [*common, f"save.save_path={mine}", "save.overwrite=true", f"quant.weight.bit={bit}", f"eval.eval_pos={positions}", f"calib.n_samples={n_samples}", "calib.preproc=random_window", *extra]
     if reuse and (mine / "results.json").is_file() and log_file.is_file():
         log = log_file.read_text()
     else:
@@ -226,7 +246,7 @@ def run_llmc(method: str, bit: int, out: Path, common: list[str], n_samples: int
     seconds, peak = method_stages(mine)
     chosen = re.search(r"search_dtype auto: (\w+)", log)
     dtype = chosen.group(1) if chosen else ("float32" if method == "gptq" else "?")
-    return {"tool": "llmc", "method": method, "bit": bit, "seconds": seconds, "peak_mb": peak, "dtype": dtype, "ppl": ppl_of(mine, "fake_quant"), "fp": ppl_of(mine, "pretrain") if first else None}
+    return {"tool": f"llmc {label}".strip(), "method": method, "bit": bit, "seconds": seconds, "peak_mb": peak, "dtype": dtype, "ppl": ppl_of(mine, "fake_quant"), "fp": ppl_of(mine, "pretrain") if first else None}
 
 
 def run_peer(python: Path, method: str, bit: int, out: Path, hf: Path, ids: Path, common: list[str]) -> dict:
@@ -251,6 +271,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--venv", type=Path, default=None, help="llm-compressor's venv (built with the pinned version if missing)")
     ap.add_argument("--reuse", action="store_true", help="keep llmc runs already finished in --out (their results.json and log)")
+    ap.add_argument("--variant", action="append", default=[], metavar="METHOD:LABEL:KEY=VALUE[,KEY=VALUE]", help="one more llmc row for METHOD with these overrides, e.g. gptq:one-pass:quant.special.true_sequential=false")
     args = ap.parse_args()
     os.environ.setdefault("LLMC_DATA", str(ROOT.parent / "shared" / "data"))
     out = args.out or Path(tempfile.mkdtemp(prefix="peers_"))
@@ -260,10 +281,15 @@ def main() -> None:
     ids = calibration_ids(out, hf, args.samples)
     python = peer_venv(args.venv or out / "peer-venv")
     common = [f"model.path={hf}", "model.type=llama", f"eval.num_samples={args.windows}"]
+    variants: dict[str, list[tuple[str, list[str]]]] = {}
+    for v in args.variant:
+        method, label, sets = v.split(":", 2)
+        variants.setdefault(method, []).append((label, sets.split(",")))
     rows = []
     for method in args.methods:
         for bit in args.bits:
-            rows.append(run_llmc(method, bit, out, common, args.samples, first=not rows, reuse=args.reuse))
+            for variant in [("", []), *variants.get(method, [])]:
+                rows.append(run_llmc(method, bit, out, common, args.samples, first=not rows, reuse=args.reuse, variant=variant))
             rows.append(run_peer(python, method, bit, out, hf, ids, common))
             print(f"done {method} w{bit} after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     print(f"SmolLM2-135M fp32 (HF folder from the GGUF) on {cpu_name()}; W{{{','.join(map(str, args.bits))}}}A16 asym g{GROUP}; {args.samples}x{SEQ_LEN} C4 ids shared; WikiText-2 test, first {args.windows} windows; fp32 PPL {rows[0]['fp']:.3f}")
@@ -271,9 +297,10 @@ def main() -> None:
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
-        peer = next(x for x in rows if x["tool"] != "llmc" and x["method"] == r["method"] and x["bit"] == r["bit"])
-        ratio_t = f"{r['seconds'] / peer['seconds']:.2f}" if r["tool"] == "llmc" else ""
-        ratio_p = f"{r['ppl'] / peer['ppl']:.4f}" if r["tool"] == "llmc" else ""
+        peer = next(x for x in rows if not x["tool"].startswith("llmc") and x["method"] == r["method"] and x["bit"] == r["bit"])
+        mine = r["tool"].startswith("llmc")
+        ratio_t = f"{r['seconds'] / peer['seconds']:.2f}" if mine else ""
+        ratio_p = f"{r['ppl'] / peer['ppl']:.4f}" if mine else ""
         print(f"| {r['tool']:<20} | {r['method']:<6} | {r['bit']:>4} | {args.samples:>7} | {r['seconds']:>9.1f} | {r['peak_mb']:>11.0f} | {r['dtype']:<8} | {r['ppl']:>7.3f} | {ratio_t:>11} | {ratio_p:>10} |")
     print(f"total {time.perf_counter() - start:.0f} s; outputs in {out}")
 

@@ -215,6 +215,36 @@ def test_capture_in_sub_batches_records_the_same_data():
     torch.testing.assert_close(ss.module_losses(attn, layers, split.modules["t"], cand, SPEC3), ss.module_losses(attn, layers, whole.modules["t"], cand, SPEC3))
 
 
+def test_search_tokens_records_the_first_calls_and_keeps_all_statistics():
+    """``search_tokens``: the inspect module's calls and outputs stop once they hold that many
+    tokens (whole sub-batches), ``|x|`` still counts every token, and the loss equals the one
+    over a capture of only those samples."""
+    _, ctx = block_ctx(n_batches=1, bs=4)
+    attn = ctx.block.self_attn
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    per_sample = ctx.inputs[0].shape[1]
+    full = capture.capture_block(ctx, [capture.Target("t", attn, layers)], awq_bs=1)
+    part = capture.capture_block(ctx, [capture.Target("t", attn, layers)], awq_bs=1, search_tokens=2 * per_sample)
+    m, f = part.modules["t"], full.modules["t"]
+    assert len(m.calls) == len(m.outputs) == 2 and m.tokens == 2 * per_sample and len(f.calls) == 4
+    assert m.act.count == f.act.count == 4 * per_sample
+    torch.testing.assert_close(m.act.mean(), f.act.mean())
+    torch.testing.assert_close(part.outputs[0], full.outputs[0])  # the block's outputs cover every sample
+    cand = ss.candidates(f.act.mean(), None, 5)
+    first_two = capture.ModuleCapture(f.calls[:2], f.outputs[:2], f.act)
+    torch.testing.assert_close(ss.module_losses(attn, layers, m, cand, SPEC3), ss.module_losses(attn, layers, first_two, cand, SPEC3))
+    assert not torch.allclose(ss.module_losses(attn, layers, m, cand, SPEC3), ss.module_losses(attn, layers, f, cand, SPEC3))
+
+
+def test_search_tokens_default_and_null():
+    from llmc_plugins.methods.awq.method import SEARCH_TOKENS, AwqConfig
+
+    assert AwqConfig().search_tokens == SEARCH_TOKENS == 16384
+    assert AwqConfig(search_tokens=None).search_tokens is None
+    with pytest.raises(ValueError):
+        AwqConfig(search_tokens=0)
+
+
 def test_awq_bs_splits_batches_without_changing_the_loss():
     _, ctx = block_ctx(n_batches=1, bs=4)
     attn = ctx.block.self_attn

@@ -56,6 +56,9 @@ class ModuleCapture:
     calls: list[tuple[tuple, dict]] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
     act: AbsMean = field(default_factory=AbsMean)
+    limit: int | None = None  # record calls until they hold this many tokens (``search_tokens``); None: all
+    tokens: int = 0  # tokens in the recorded calls
+    recording: bool = False  # whether the call in progress is recorded (its output goes with it)
 
 
 @dataclass
@@ -115,10 +118,15 @@ def _module_hooks(t: Target, cap: ModuleCapture, dtype: torch.dtype | None) -> l
     then recomputes the reference outputs in that precision, so none are kept) and ``|x|``."""
 
     def pre_inspect(module, args, kwargs):
-        cap.calls.append((cast(args, dtype), cast(dict(kwargs), dtype)))
+        cap.recording = cap.limit is None or cap.tokens < cap.limit
+        if cap.recording:  # the search's loss runs on these; |x| below sees every call
+            x = hidden_of(args, kwargs)
+            cap.tokens += x.numel() // x.shape[-1]
+            cap.calls.append((cast(args, dtype), cast(dict(kwargs), dtype)))
 
     def post_inspect(module, args, kwargs, output):
-        cap.outputs.append(first_tensor(output).detach())
+        if cap.recording:
+            cap.outputs.append(first_tensor(output).detach())
 
     def pre_layer(module, args):
         cap.act.add(args[0])
@@ -194,12 +202,15 @@ def _clip_hooks(layers: dict[str, tuple[torch.nn.Linear, int]], out: dict[str, t
 
 
 @torch.no_grad()
-def capture_block(ctx: Any, targets: list[Target], clip_layers: dict[str, tuple[torch.nn.Linear, int]] | None = None, clip_tokens: int = 512, dtype: torch.dtype | None = None, awq_bs: int | None = None) -> BlockCapture:
+def capture_block(ctx: Any, targets: list[Target], clip_layers: dict[str, tuple[torch.nn.Linear, int]] | None = None, clip_tokens: int = 512, dtype: torch.dtype | None = None, awq_bs: int | None = None, search_tokens: int | None = None) -> BlockCapture:
     """One forward of ``ctx.block`` over its cached batches, recording what ``targets`` (scale
     search) and ``clip_layers`` (``{name: (layer, group size)}``, clip search on ``clip_tokens``
     tokens) need, and the block's outputs (one tensor per batch). ``dtype``: the search precision,
     when it differs from the model's. Batches run in sub-batches of ``awq_bs`` samples (default:
-    :data:`CHUNK_TOKENS` tokens), so each recorded call is one sub-batch."""
+    :data:`CHUNK_TOKENS` tokens), so each recorded call is one sub-batch. ``search_tokens``: the
+    inspect modules' calls (and outputs) are recorded only until they hold that many tokens
+    (whole sub-batches, the first ones), while ``|x|``, Gram matrices and clip statistics see
+    every token; None records them all."""
     cap = BlockCapture()
     handles: list[Any] = []
     experts: list[tuple[Target, LinearCapture]] = []
@@ -212,7 +223,7 @@ def capture_block(ctx: Any, targets: list[Target], clip_layers: dict[str, tuple[
             else:
                 experts.append((t, cap.linears[t.name]))
         else:
-            cap.modules[t.name] = ModuleCapture()
+            cap.modules[t.name] = ModuleCapture(limit=search_tokens)
             handles += _module_hooks(t, cap.modules[t.name], dtype)
     if experts:
         handles += _expert_hooks(experts, cap.expert_tokens)

@@ -25,6 +25,11 @@ UNSUPPORTED = {
 }
 
 
+# The scale search's loss runs on the first calibration tokens up to this many (whole sub-batches);
+# the statistics it searches over use every token. See ``search_tokens`` in :class:`Awq`.
+SEARCH_TOKENS = 16384
+
+
 class AwqConfig(StrictModel):
     """``quant.special`` for ``method: Awq`` (see :class:`Awq` for each field)."""
 
@@ -32,6 +37,7 @@ class AwqConfig(StrictModel):
     trans_version: Literal["v1", "v2"] = "v2"
     n_grid: int = Field(default=20, ge=1, le=200)
     awq_bs: int | None = Field(default=None, gt=0)
+    search_tokens: int | None = Field(default=SEARCH_TOKENS, gt=0)
     search_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     weight_clip: bool = False
     clip_version: Literal["v1", "v2"] = "v1"
@@ -124,6 +130,12 @@ class Awq(Method):
     - ``awq_bs`` (none): split each calibration batch into sub-batches of this many samples for the
       search's forward passes (memory only; the loss is the same). Default: as many samples as
       make 8192 tokens, so memory does not grow with ``calib.n_samples``.
+    - ``search_tokens`` (16384): the scale search's loss (``n_grid`` forwards of attention and of
+      the MLP) runs on the first calibration samples up to this many tokens (whole sub-batches);
+      the per-channel statistics the candidates are built from use every token, and groups
+      searched through one linear layer (v→o, up→down) use every token too. It caps the
+      search's cost and the memory of its recorded inputs when ``calib.n_samples`` grows (with
+      128 x 512 samples: a quarter of the forwards). ``null``: every token, as the anchors do.
     - ``weight_clip`` (false): search weight clipping after scaling.
     - ``clip_version`` (v1): ``v1`` clamps the float weights in place (``transformed`` includes the
       clipping); ``v2`` keeps the float weights and clamps when quantizing (``transformed`` equals
@@ -183,7 +195,8 @@ class Awq(Method):
             clip_layers = {n: (m, clip_group_size(self.weight, m.in_features)) for n, m in linears.items() if clippable(n) and isinstance(m, torch.nn.Module)}
         first = next(iter(linears.values()))
         dtype = self._search_dtype(first)
-        cap = capture.capture_block(ctx, [t for t, _ in targets], clip_layers, opts.clip_tokens, None if dtype == first.weight.dtype else dtype, opts.awq_bs)
+        cap = capture.capture_block(ctx, [t for t, _ in targets], clip_layers, opts.clip_tokens, None if dtype == first.weight.dtype else dtype, opts.awq_bs, opts.search_tokens)
+        self._tell_search_tokens(ctx, cap)
         folded: dict[str, Any] = {}
         for target, group in targets:
             s = self._scale_group(ctx, target, group, cap, dtype)
@@ -321,6 +334,16 @@ class Awq(Method):
             few = sum(c < MIN_EXPERT_TOKENS for c in counts)
             log.info("block %d experts: %d of %d got fewer than %d calibration tokens (min %d, max %d); all are quantized", ctx.index, few, len(counts), MIN_EXPERT_TOKENS, min(counts), max(counts))
             self.log.append({"block": ctx.index, "group": "experts", "tokens": counts, "few_tokens": few})
+
+    def _tell_search_tokens(self, ctx: Any, cap: Any) -> None:
+        """Log once per run when the scale search's loss runs on a subsample of the tokens."""
+        if getattr(self, "_told_search_tokens", False) or not cap.modules:
+            return
+        total = sum(h.shape[0] * h.shape[1] for h in ctx.inputs)
+        used = max(m.tokens for m in cap.modules.values())
+        if used < total:
+            log.info("scale search: the loss runs on the first %d of %d calibration tokens per block (quant.special.search_tokens: %d; null for all), the statistics on all", used, total, self.options.search_tokens)
+        self._told_search_tokens = True
 
     def _search_dtype(self, layer: Any) -> Any:
         import torch
