@@ -262,6 +262,12 @@ def run_peer(python: Path, method: str, bit: int, out: Path, hf: Path, ids: Path
     return {"tool": f"llm-compressor {info['version']}", "method": method, "bit": bit, "seconds": info["seconds"], "peak_mb": info["peak_rss_mb"], "dtype": "float32", "ppl": ppl_of(peer / "eval", "pretrain")}
 
 
+def progress(rows: list[dict], out: Path) -> None:
+    """Each row as it is measured, on stderr and in ``OUT/rows.json`` (an interrupted run keeps them)."""
+    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=21)
@@ -290,7 +296,9 @@ def main() -> None:
         for bit in args.bits:
             for variant in [("", []), *variants.get(method, [])]:
                 rows.append(run_llmc(method, bit, out, common, args.samples, first=not rows, reuse=args.reuse, variant=variant))
+                progress(rows, out)
             rows.append(run_peer(python, method, bit, out, hf, ids, common))
+            progress(rows, out)
             print(f"done {method} w{bit} after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     print(f"SmolLM2-135M fp32 (HF folder from the GGUF) on {cpu_name()}; W{{{','.join(map(str, args.bits))}}}A16 asym g{GROUP}; {args.samples}x{SEQ_LEN} C4 ids shared; WikiText-2 test, first {args.windows} windows; fp32 PPL {rows[0]['fp']:.3f}")
     head = f"| {'tool':<20} | {'method':<6} | bits | samples | {'method s':>9} | {'peak RSS MB':>11} | {'dtype':<8} | {'PPL':>7} | {'÷ peer time':>11} | {'÷ peer PPL':>10} |"

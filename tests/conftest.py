@@ -48,6 +48,22 @@ def smollm2_path() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path, tmp_path_factory) -> Path:
+    """SmolLM2 as a float32 Hugging Face folder, converted from the GGUF once per test session by
+    llmc's own loader: reading the GGUF takes ~40 s on every load (transformers parses its whole
+    vocabulary for the config, the tokenizer and the model), the folder ~2 s. Tests of the GGUF
+    path itself (test_smollm2, the quick start) keep ``smollm2_path``."""
+    from llmc_core import config
+
+    folder = tmp_path_factory.mktemp("smollm2_hf")
+    cfg = config.load(ROOT / "configs" / "quickstart" / "rtn_w4g64_smollm2.yml", [f"model.path={smollm2_path}", f"save.save_path={folder / 'unused'}"])
+    model, tok = cfg.model_family().load(cfg.model)
+    model.save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+    return folder / "model"
+
+
 @pytest.fixture
 def write_yaml(tmp_path):
     import yaml

@@ -521,16 +521,16 @@ def test_shipped_configs_validate(monkeypatch, tmp_path, shared_data, smollm2_pa
 
 
 @pytest.mark.slow
-def test_smollm2_awq_beats_rtn(smollm2_path, shared_data, tmp_path):
+def test_smollm2_awq_beats_rtn(smollm2_hf, shared_data, tmp_path):
     """Real model, 2 calibration samples of 256 tokens, 1 WikiText-2 window: transformed equals
     pretrain, and AWQ's fake_quant perplexity is below RTN's on the same window."""
-    common = [f"eval.path={shared_data / 'wikitext2' / 'wiki.test.raw'}", "eval.num_samples=1"]
+    common = [f"model.path={smollm2_hf}", f"eval.path={shared_data / 'wikitext2' / 'wiki.test.raw'}", "eval.num_samples=1"]
     awq = config.load(
         "configs/quickstart/awq_w4g64_smollm2.yml",
         [*common, f"save.save_path={tmp_path / 'awq'}", f"calib.path={shared_data / 'c4' / 'c4-train.00000-of-01024.first1000.jsonl'}", "calib.n_samples=2", "calib.seq_len=256", "quant.weight.bit=3", "quant.special.weight_clip=true", "quant.special.clip_version=v2"],
     )
     res = {r.position: r.value for r in Run(awq).execute()}
     assert res["transformed"] == pytest.approx(res["pretrain"], abs=0.01)
-    rtn = config.load("configs/quickstart/rtn_w4g64_smollm2.yml", [*common, f"save.save_path={tmp_path / 'rtn'}", "quant.weight.bit=3"])
+    rtn = config.load("configs/quickstart/rtn_w4g64_smollm2.yml", [*common, f"save.save_path={tmp_path / 'rtn'}", "quant.weight.bit=3", "eval.eval_pos=[fake_quant]"])
     rtn_ppl = {r.position: r.value for r in Run(rtn).execute()}["fake_quant"]
     assert res["fake_quant"] < rtn_ppl

@@ -236,14 +236,14 @@ def test_transformers_loads_the_folder_with_gptqmodel(tiny_model_dir, tiny_text_
 
 
 @pytest.mark.slow
-def test_smollm2_awq_export_real_quant_matches_fake_quant(smollm2_path, shared_data, tmp_path):
+def test_smollm2_awq_export_real_quant_matches_fake_quant(smollm2_hf, shared_data, tmp_path):
     """SmolLM2-135M, RTN w4 g64 with float16 scales, one 2048-token window: the folder dequantizes
     to the save_fake weights and real_quant PPL equals fake_quant PPL within 0.1%."""
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
     cfg = {
-        "model": {"type": "SmolLM2", "path": str(smollm2_path), "torch_dtype": "float32"},
+        "model": {"type": "SmolLM2", "path": str(smollm2_hf), "torch_dtype": "float32"},
         "eval": {"eval_pos": ["fake_quant", "real_quant"], "name": "wikitext2", "path": str(shared_data / "wikitext2" / "wiki.test.raw"), "seq_len": 2048, "num_samples": 1},
         "quant": {"method": "RTN", "weight": {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 64, "scale_dtype": "float16"}},
         "save": {"save_path": str(out), "save_fake": True, "save_awq": True},

@@ -340,14 +340,15 @@ def test_shipped_configs_validate(monkeypatch, tmp_path, shared_data, smollm2_pa
 
 
 @pytest.mark.slow
-def test_smollm2_gptq_beats_rtn(smollm2_path, shared_data, tmp_path):
-    """Real model, 16 calibration samples of 512 tokens, 1 WikiText-2 window at w3 g64: GPTQ's
-    fake_quant perplexity is below RTN's on the same window. (With 4 x 256 tokens, fewer than
-    down_proj's 1536 inputs, H is rank-deficient and GPTQ overfits: 57.7 against RTN's 56.0.)"""
-    common = [f"eval.path={shared_data / 'wikitext2' / 'wiki.test.raw'}", "eval.num_samples=1", "quant.weight.bit=3"]
+def test_smollm2_gptq_beats_rtn(smollm2_hf, shared_data, tmp_path):
+    """Real model, 8 calibration samples of 512 tokens, 1 WikiText-2 window at w3 g64: GPTQ's
+    fake_quant perplexity is below RTN's on the same window (measured: 39.58 against 56.01).
+    (With 4 x 256 tokens, fewer than down_proj's 1536 inputs, H is rank-deficient and GPTQ
+    overfits: 57.7 against RTN's 56.0.)"""
+    common = [f"model.path={smollm2_hf}", f"eval.path={shared_data / 'wikitext2' / 'wiki.test.raw'}", "eval.num_samples=1", "eval.eval_pos=[fake_quant]", "quant.weight.bit=3"]
     gptq = config.load(
         "configs/quickstart/gptq_w4g64_smollm2.yml",
-        [*common, f"save.save_path={tmp_path / 'gptq'}", f"calib.path={shared_data / 'c4' / 'c4-train.00000-of-01024.first1000.jsonl'}", "calib.n_samples=16", "calib.seq_len=512"],
+        [*common, f"save.save_path={tmp_path / 'gptq'}", f"calib.path={shared_data / 'c4' / 'c4-train.00000-of-01024.first1000.jsonl'}", "calib.n_samples=8", "calib.seq_len=512"],
     )
     ppl = {r.position: r.value for r in Run(gptq).execute()}["fake_quant"]
     rtn = config.load("configs/quickstart/rtn_w4g64_smollm2.yml", [*common, f"save.save_path={tmp_path / 'rtn'}"])

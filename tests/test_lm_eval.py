@@ -246,10 +246,10 @@ def test_run_measures_in_place_and_matches_lm_eval_on_the_folder(llmc_cli, tmp_p
 
 
 @pytest.mark.slow
-def test_smollm2_fake_quant_matches_lm_eval_cli_on_the_saved_folder(tmp_path, smollm2_path, shared_data):
+def test_smollm2_fake_quant_matches_lm_eval_cli_on_the_saved_folder(tmp_path, smollm2_hf, shared_data):
     env = dict(os.environ, LLMC_DATA=str(shared_data), **OFFLINE)
     out, limit = tmp_path / "run", 40
-    overrides = [f"save.save_path={out}", "save.save_fake=true", "calib.n_samples=2", "calib.seq_len=128", "quant.special.n_grid=5",  # short AWQ
+    overrides = [f"model.path={smollm2_hf}", f"save.save_path={out}", "save.save_fake=true", "calib.n_samples=2", "calib.seq_len=128", "quant.special.n_grid=5",  # short AWQ
                  "quant.special.weight_clip=false", "eval.num_samples=1", f"lm_eval.limit={limit}", "base.device=cpu"]  # fmt: skip
     cfg = ROOT / "configs" / "quickstart" / "awq_w4g64_smollm2_lm_eval.yml"
     llmc = [sys.executable, "-m", "llmc_core", "run", str(cfg), *overrides]

@@ -288,7 +288,7 @@ def test_results_are_unchanged_by_the_vllm_save(tiny_model_dir, tiny_text_file, 
 
 
 @pytest.mark.slow
-def test_smollm2_awq_vllm_folder_matches_fake_quant(smollm2_path, shared_data, tmp_path):
+def test_smollm2_awq_vllm_folder_matches_fake_quant(smollm2_hf, shared_data, tmp_path):
     """SmolLM2-135M, AWQ w4 g64 (asymmetric, float16 scales), 2 calibration samples of 128 tokens
     and a 5-point scale grid (kept short: the export, not AWQ, is under test):
     the folder decompresses to the save_fake weights and transformers' logits on 512 WikiText-2
@@ -297,7 +297,7 @@ def test_smollm2_awq_vllm_folder_matches_fake_quant(smollm2_path, shared_data, t
 
     out = tmp_path / "out"
     cfg = {
-        "model": {"type": "SmolLM2", "path": str(smollm2_path), "torch_dtype": "float32"},
+        "model": {"type": "SmolLM2", "path": str(smollm2_hf), "torch_dtype": "float32"},
         "calib": {"name": "c4", "path": str(shared_data / "c4" / "c4-train.00000-of-01024.first1000.jsonl"), "n_samples": 2, "seq_len": 128, "bs": -1, "preproc": "pileval_awq", "seed": 42},
         "quant": {"method": "Awq", "weight": {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 64, "scale_dtype": "float16"}, "special": {"n_grid": 5}},
         "save": {"save_path": str(out), "save_fake": True, "save_vllm": True},
