@@ -10,13 +10,14 @@ like on whatever load the machine has.
     python benchmarks/awq_speed.py --windows 4 --only rtn-w4 awq-w4-16  # a quick look
     python benchmarks/awq_speed.py --only rtn-w4 gptq-w4-128 gptq-w4-128-act  # GPTQ rows
     python benchmarks/awq_speed.py --windows 1 --only awq-w4-16 awq-w4-16-fp32  # search_dtype auto vs float32
+    python benchmarks/awq_speed.py --no-transformed --only awq-w4-16 awq-w4-16-fp32 awq-w4-16-c2f  # + alpha_search
 
 The table's first lines name the CPU (and GPU) and the dtype ``search_dtype: auto`` picks there.
 
 Columns: ``method`` time is the AWQ transform stage (calibration search, clipping included);
 ``run s`` is the whole process (model load and evaluations included); ``peak MB`` is the process's
-peak RSS (evaluations included), ``meth MB`` the peak RSS when the method stage ends (model load,
-calibration and search; no evaluation has run yet in AWQ processes); ``gap`` is the share of the RTN-to-fp32 perplexity gap that the variant closes;
+peak RSS (evaluations included), ``meth MB`` the method stage's own peak RSS (calibration and
+search, with the model resident; each stage records its own peak on Linux); ``gap`` is the share of the RTN-to-fp32 perplexity gap that the variant closes;
 ``x RTN time`` compares the process time without the evaluations (load + method), ``x RTN mem``
 the peak RSS, each against RTN at the same bit width.
 """
@@ -41,6 +42,7 @@ VARIANTS = {
     "rtn-w4": ("RTN", 4, 0, False),
     "awq-w4-16": ("Awq", 4, 16, True),
     "awq-w4-16-fp32": ("Awq", 4, 16, True),
+    "awq-w4-16-c2f": ("Awq", 4, 16, True),
     "awq-w4-128": ("Awq", 4, 128, True),
     "rtn-w3": ("RTN", 3, 0, False),
     "awq-w3-16": ("Awq", 3, 16, True),
@@ -52,7 +54,8 @@ VARIANTS = {
 }
 # Overrides beyond the tuple: the default search_dtype (auto) against an explicit float32, to
 # check that auto's choice costs nothing on this machine.
-EXTRA = {"awq-w4-16-fp32": ["quant.special.search_dtype=float32"]}
+# coarse_to_fine: the alpha search that measures 9 of the 20 grid points, against the full grid.
+EXTRA = {"awq-w4-16-fp32": ["quant.special.search_dtype=float32"], "awq-w4-16-c2f": ["quant.special.alpha_search=coarse_to_fine"]}
 # GPTQ variants: act-order (with static groups, so the AWQ-GEMM layout holds) or columns in order.
 GPTQ_ACTORDER = {name: name.endswith("-act") for name in VARIANTS if name.startswith("gptq")}
 
@@ -89,8 +92,7 @@ def run_variant(name: str, windows: int, out: Path, positions: list[str]) -> dic
     method_s = sum(s["seconds"] for s in stages if s["stage"].endswith("transform") or s["stage"] == "quantize")
     eval_s = sum(s["seconds"] for s in stages if s["stage"].startswith("eval"))
     peak = max(s["peak_rss_mb"] for s in stages)
-    # ru_maxrss so far when the method's stage ends: load + calibration + method, no evaluation
-    # when pretrain is not evaluated in this process
+    # the method stage's own peak (llmc resets the peak at each stage on Linux)
     method_peak = max((s["peak_rss_mb"] for s in stages if s["stage"].endswith("transform")), default=None)
     return {"name": name, "method": method, "bit": bit, "samples": samples, "clip": clip, "method_s": method_s, "run_s": wall, "work_s": wall - eval_s, "peak_mb": peak, "method_peak_mb": method_peak, **ppl}
 

@@ -236,11 +236,47 @@ def test_search_tokens_records_the_first_calls_and_keeps_all_statistics():
     assert not torch.allclose(ss.module_losses(attn, layers, m, cand, SPEC3), ss.module_losses(attn, layers, f, cand, SPEC3))
 
 
+def test_coarse_to_fine_finds_the_minimum_of_every_unimodal_grid_in_nine_evaluations():
+    """Every position of the minimum on a 20-point grid, and V shapes of both slopes: the search
+    returns the grid's argmin, evaluating at most 9 points; on a non-unimodal loss it still
+    returns the best point it evaluated."""
+    for m in range(20):
+        for left, right in ((1.0, 1.0), (0.2, 3.0), (3.0, 0.2)):
+            calls = []
+
+            def loss(i, m=m, left=left, right=right):
+                calls.append(i)
+                return (m - i) * left if i < m else (i - m) * right
+
+            seen = ss.coarse_to_fine(20, loss)
+            assert min(seen, key=seen.get) == m and len(calls) == len(set(calls)) <= 9
+    bumpy = [5, 1, 5, 5, 5, 5, 5, 5, 0, 5]  # two valleys, one between coarse points
+    seen = ss.coarse_to_fine(10, bumpy.__getitem__)
+    assert seen[min(seen, key=seen.get)] == min(seen.values()) and all(bumpy[i] == v for i, v in seen.items())
+
+
+def test_coarse_to_fine_module_losses_agree_with_the_grid_where_evaluated():
+    _, ctx = block_ctx(n_batches=1, bs=4)
+    attn = ctx.block.self_attn
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    cap = capture_module(ctx, attn, layers)
+    for w_mean in (None, ss.weight_mean(layers, SPEC3)):  # v2, and v1 with its identity candidate
+        cand = ss.candidates(cap.act.mean(), w_mean, 20)
+        grid = ss.module_losses(attn, layers, cap, cand, SPEC3)
+        fast = ss.module_losses(attn, layers, cap, cand, SPEC3, search="coarse_to_fine")
+        done = torch.isfinite(fast)
+        assert int(done.sum()) <= 9 + (w_mean is not None) and bool(done[0]) and bool(done[-1]) == (w_mean is not None)
+        torch.testing.assert_close(fast[done], grid[done])
+
+
 def test_search_tokens_default_and_null():
     from llmc_plugins.methods.awq.method import SEARCH_TOKENS, AwqConfig
 
     assert AwqConfig().search_tokens == SEARCH_TOKENS == 16384
     assert AwqConfig(search_tokens=None).search_tokens is None
+    assert AwqConfig().alpha_search == "grid" and AwqConfig(alpha_search="coarse_to_fine").alpha_search == "coarse_to_fine"
+    with pytest.raises(ValueError):
+        AwqConfig(alpha_search="golden")
     with pytest.raises(ValueError):
         AwqConfig(search_tokens=0)
 

@@ -36,6 +36,7 @@ class AwqConfig(StrictModel):
     trans: bool = True
     trans_version: Literal["v1", "v2"] = "v2"
     n_grid: int = Field(default=20, ge=1, le=200)
+    alpha_search: Literal["grid", "coarse_to_fine"] = "grid"
     awq_bs: int | None = Field(default=None, gt=0)
     search_tokens: int | None = Field(default=SEARCH_TOKENS, gt=0)
     search_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -121,6 +122,11 @@ class Awq(Method):
       ``mean|x|^a / mean|w|^(1-a)`` (``mean|w|``: ``|W|`` over its group max, averaged over rows and
       layers); v1 also tries ``s = 1`` so it never loses to RTN.
     - ``n_grid`` (20): grid points of the scale search.
+    - ``alpha_search`` (grid): ``grid`` measures the loss at every grid point, as the anchors do;
+      ``coarse_to_fine`` measures every 4th point, then halves the step around the best (9 of 20
+      points), which finds the grid's best alpha whenever the loss is unimodal in alpha. It
+      applies to the groups searched through attention or the MLP (the costly forwards); the
+      groups searched through one linear layer always take the whole grid.
     - ``search_dtype`` (auto): precision of the search's forward passes through attention/MLP
       (the reference output included). ``auto`` is the model's dtype for fp16/bf16 models; for
       float32 models it is bfloat16 where the device runs bf16 fast (CUDA with bf16; CPUs with
@@ -313,7 +319,7 @@ class Awq(Method):
         else:
             mod = cap.modules.pop(target.name)
             cand = ss.candidates(mod.act.mean(), w_mean, self.options.n_grid)
-            losses = ss.module_losses(target.inspect, layers, mod, cand, self.weight, self.options.awq_bs, dtype)
+            losses = ss.module_losses(target.inspect, layers, mod, cand, self.weight, self.options.awq_bs, dtype, self.options.alpha_search)
         best = int(torch.argmin(losses))
         identity = cand.alphas.index(None) if None in cand.alphas else 0
         s = cand.scales[best]

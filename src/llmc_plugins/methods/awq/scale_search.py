@@ -23,6 +23,7 @@ a few ``[out, in]`` float32 copies of the largest layer (Llama-2-7B down_proj: 1
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,9 +95,34 @@ def quantized_weights(w: torch.Tensor, scales: torch.Tensor, spec: Any) -> torch
     return wq.div_(s)
 
 
+def coarse_to_fine(n: int, loss: Callable[[int], float], step: int = 4) -> dict[int, float]:
+    """Search the grid ``0..n-1`` for the smallest ``loss(i)`` without evaluating every point:
+    every ``step``-th point first, then the two points half a step either side of the best so
+    far, halving the step down to the neighbours. On a loss that is unimodal over the grid (AWQ's
+    loss in alpha nearly is) it returns the grid's minimum in at most ``ceil(n/step) +
+    2·log2(step)`` evaluations (20 points: 9) instead of ``n``; otherwise the best point it
+    evaluated. Returns ``{index: loss}`` of the evaluated points."""
+    seen: dict[int, float] = {}
+
+    def at(i: int) -> None:
+        if 0 <= i < n and i not in seen:
+            seen[i] = loss(i)
+
+    for i in range(0, n, step):
+        at(i)
+    while step > 1:
+        step //= 2
+        best = min(seen, key=seen.__getitem__)
+        at(best - step)
+        at(best + step)
+    return seen
+
+
 @torch.no_grad()
-def module_losses(inspect: torch.nn.Module, layers: list[torch.nn.Linear], cap: ModuleCapture, cand: Candidates, spec: Any, awq_bs: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def module_losses(inspect: torch.nn.Module, layers: list[torch.nn.Linear], cap: ModuleCapture, cand: Candidates, spec: Any, awq_bs: int | None = None, dtype: torch.dtype | None = None, search: str = "grid") -> torch.Tensor:
     """Loss of every candidate through the inspect module (module path); returns ``[P]`` float64.
+    ``search: coarse_to_fine`` evaluates only the points :func:`coarse_to_fine` visits over the
+    alpha grid (plus the identity candidate of duo scaling); the others are ``inf``.
 
     ``dtype`` (e.g. bfloat16) runs the search's forward passes on a copy of the inspect module in
     that precision, the reference output included, as the anchors do with fp16 models on GPUs.
@@ -112,22 +138,34 @@ def module_losses(inspect: torch.nn.Module, layers: list[torch.nn.Linear], cap: 
         refs = [torch.cat([first_tensor(inspect(*a, **kw)) for a, kw in chunks(args, kwargs, awq_bs)]) for args, kwargs in calls]
     originals = [original_weight(layer) for layer in layers]
     numel = sum(o.numel() for o in refs)
-    losses = torch.zeros(len(cand.alphas), dtype=torch.float64)
+    losses = torch.full((len(cand.alphas),), float("inf"), dtype=torch.float64)
+
+    def loss(p: int) -> float:
+        # One candidate's weights at a time (elementwise, so the same values as a batched call):
+        # memory stays one layer per layer whatever n_grid is.
+        for layer, w in zip(layers, originals):
+            set_weight(layer, quantized_weights(w, cand.scales[p : p + 1], spec)[0].to(w.dtype))
+        total = 0.0
+        for (args, kwargs), ref in zip(calls, refs):
+            start = 0
+            for a, kw in chunks(args, kwargs, awq_bs):
+                out = first_tensor(inspect(*a, **kw))
+                diff = out.float() - ref[start : start + out.shape[0]].float()
+                total += float(diff.pow_(2).sum())
+                start += out.shape[0]
+        losses[p] = total / numel
+        return float(losses[p])
+
     try:
-        for p in range(len(cand.alphas)):
-            # One candidate's weights at a time (elementwise, so the same values as a batched call):
-            # memory stays one layer per layer whatever n_grid is.
-            for layer, w in zip(layers, originals):
-                set_weight(layer, quantized_weights(w, cand.scales[p : p + 1], spec)[0].to(w.dtype))
-            total = 0.0
-            for (args, kwargs), ref in zip(calls, refs):
-                start = 0
-                for a, kw in chunks(args, kwargs, awq_bs):
-                    out = first_tensor(inspect(*a, **kw))
-                    diff = out.float() - ref[start : start + out.shape[0]].float()
-                    total += float(diff.pow_(2).sum())
-                    start += out.shape[0]
-            losses[p] = total / numel
+        grid = [p for p, a in enumerate(cand.alphas) if a is not None]
+        if search == "coarse_to_fine":
+            coarse_to_fine(len(grid), lambda i: loss(grid[i]))
+        else:
+            for p in grid:
+                loss(p)
+        for p, a in enumerate(cand.alphas):
+            if a is None:  # duo scaling's identity: always measured, so the search never loses to RTN
+                loss(p)
     finally:
         for layer, w in zip(layers, originals):
             set_weight(layer, w)
