@@ -13,20 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_model
 
 from llmc_core.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from llmc_core.schema import StrictModel
-from llmc_core.errors import ConfigSyntaxError, LlmcError, did_you_mean
-from llmc_core.paths import expand_vars, looks_like_hub_id, resolve_package_path
+from llmc_core.errors import LlmcError, did_you_mean
+from llmc_core.paths import looks_like_hub_id
 from llmc_core.plugins import PluginManager, get_manager
 from llmc_core.quant.spec import QuantSpec
+from llmc_core.yamlio import SECTIONS, apply_overrides, expand, read_yaml
 
-SECTIONS = ("base", "model", "calib", "eval", "quant", "save")  # and one per registered step (api.Step)
+__all__ = ["POSITIONS", "QUANTIZED_POSITIONS", "SECTIONS", "RunConfig", "apply_overrides", "load", "read_yaml", "validate"]
+
 POSITIONS = ("pretrain", "transformed", "fake_quant", "real_quant")
 QUANTIZED_POSITIONS = ("transformed", "fake_quant", "real_quant")
-PATH_KEYS = ("path", "tokenizer_path", "save_path", "cfg_path", "output_path", "scale_path", "clip_path", "python")
 
 
 # ``download``: false = the local path only; true = fetch from the hub; auto = the local path when it
@@ -110,66 +110,6 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# reading
-# ---------------------------------------------------------------------------------------------
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise LlmcError(f"Config file not found: {p}. Pass the path of a YAML config (see configs/).")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigSyntaxError(f"{where}: {problem}. Fix the YAML (indentation, a missing ':' or quote).") from exc
-    if not isinstance(data, dict):
-        raise LlmcError(f"{p}: the config must be a mapping of sections ({', '.join(SECTIONS)}, ...), got {type(data).__name__}.")
-    return data
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
-    """Apply ``a.b.c=value`` overrides in place; values are parsed as YAML scalars/lists."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise LlmcError(f"Override '{item}' is not of the form section.key=value (e.g. eval.num_samples=3).")
-        parts = key.split(".")
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                node = node[int(part)] if part.isdigit() and int(part) < len(node) else None
-            else:
-                node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise LlmcError(f"Override '{item}': {'.'.join(parts[: i + 1])} is not a section.")
-        try:
-            parsed = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError:
-            parsed = value
-        if isinstance(node, list):
-            for section in node:  # eval.x=... on a list of eval sections sets it on each
-                section[parts[-1]] = parsed
-        else:
-            node[parts[-1]] = parsed
-
-
-def _expand(node: Any, where: str) -> Any:
-    if isinstance(node, dict):
-        return {k: _expand(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_expand(v, f"{where}.{i}") for i, v in enumerate(node)]
-    if isinstance(node, str):
-        value = expand_vars(node, where)
-        if where.rsplit(".", 1)[-1] in PATH_KEYS:
-            value = str(Path(resolve_package_path(value, where)).expanduser()) if value else value
-        return value
-    return node
-
-
-# ---------------------------------------------------------------------------------------------
 # validating
 # ---------------------------------------------------------------------------------------------
 
@@ -230,7 +170,7 @@ def validate(data: dict[str, Any], source: str = "<config>", manager: PluginMana
     ``resume``: the run continues an interrupted one, so its save_path may already hold files.
     """
     manager = manager or get_manager()
-    data = _expand(data, "")
+    data = expand(data, "")
     problems = _Problems()
     step_sections = {}
     for e in (e for e in manager.entries() if e.kind == "step"):
