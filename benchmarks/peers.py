@@ -278,6 +278,7 @@ def main() -> None:
     ap.add_argument("--venv", type=Path, default=None, help="llm-compressor's venv (built with the pinned version if missing)")
     ap.add_argument("--reuse", action="store_true", help="keep llmc runs already finished in --out (their results.json and log)")
     ap.add_argument("--variant", action="append", default=[], metavar="METHOD:LABEL:KEY=VALUE[,KEY=VALUE]", help="one more llmc row for METHOD with these overrides, e.g. gptq:one-pass:quant.special.true_sequential=false")
+    ap.add_argument("--only-variants", action="store_true", help="for a method with --variant rows, run those and not its default llmc row")
     args = ap.parse_args()
     os.environ.setdefault("LLMC_DATA", str(ROOT.parent / "shared" / "data"))
     out = args.out or Path(tempfile.mkdtemp(prefix="peers_"))
@@ -294,7 +295,8 @@ def main() -> None:
     rows = []
     for method in args.methods:
         for bit in args.bits:
-            for variant in [("", []), *variants.get(method, [])]:
+            own = variants.get(method, [])
+            for variant in own if args.only_variants and own else [("", []), *own]:
                 rows.append(run_llmc(method, bit, out, common, args.samples, first=not rows, reuse=args.reuse, variant=variant))
                 progress(rows, out)
             rows.append(run_peer(python, method, bit, out, hf, ids, common))
