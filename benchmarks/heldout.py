@@ -96,7 +96,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]", help="one more GPTQ row with these overrides")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]", help="one more GPTQ row with these overrides, after the default row")
+    ap.add_argument("--variants-first", action="store_true", help="run the --variant rows before the default GPTQ row")
     args = ap.parse_args()
     data = os.environ.setdefault("LLMC_DATA", str(peers.ROOT.parent / "shared" / "data"))
     out = args.out or Path(tempfile.mkdtemp(prefix="heldout_"))
@@ -107,8 +108,9 @@ def main() -> None:
     common = [f"model.path={hf}", "model.type=llama", f"calib.n_samples={args.samples}", "save.overwrite=true"]
     rows, fp = [], None
     for bit in args.bits:
-        runs = [("rtn", ["quant.method=RTN", "calib=null", "quant.special={}"]), ("gptq", [])]
-        runs += [(label, sets.split(",")) for label, sets in (v.split(":", 1) for v in args.variant)]
+        extra_rows = [(label, sets.split(",")) for label, sets in (v.split(":", 1) for v in args.variant)]
+        gptq = [("gptq", [])]
+        runs = [("rtn", ["quant.method=RTN", "calib=null", "quant.special={}"]), *(extra_rows + gptq if args.variants_first else gptq + extra_rows)]
         for label, extra in runs:
             first = fp is None
             mine = out / f"{label}_w{bit}"

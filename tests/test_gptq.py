@@ -211,7 +211,7 @@ def test_bad_special_keys_are_clear_errors(special, message, tiny_model_dir, tin
 
 @pytest.mark.parametrize("what", ["save_awq", "real_quant"])
 def test_actorder_without_static_groups_cannot_be_packed(what, tiny_model_dir, tiny_text_file, tmp_path):
-    cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", method="gptq", special={"actorder": True})
+    cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", method="gptq", special={"actorder": True, "static_groups": False})
     if what == "save_awq":
         cfg["save"]["save_awq"] = True
     else:
@@ -274,7 +274,7 @@ def test_end_to_end_tiny_run_via_cli_beats_rtn(tiny_model_dir, tiny_text_file, t
 
 
 def test_quant_out_false_keeps_the_float_block_until_quantize(tiny_model_dir, tiny_text_file, tmp_path):
-    cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", method="gptq", eval_pos=("pretrain", "transformed", "fake_quant"))
+    cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", method="gptq", bit=3, eval_pos=("pretrain", "transformed", "fake_quant"))
     cfg["eval"]["num_samples"] = 4
     run = Run(config.validate(cfg))
     records = {r.position: r.value for r in run.execute()}
@@ -307,7 +307,7 @@ def test_interrupted_run_resumes_to_the_same_model(quant_out, tmp_path, tiny_tex
 
     def config(name):
         out = tmp_path / name
-        cfg = run_config(model, tiny_text_file, out, method="gptq", bit=3, special={"actorder": True})
+        cfg = run_config(model, tiny_text_file, out, method="gptq", bit=3, special={"actorder": True, "static_groups": False})
         cfg["quant"]["quant_out"] = quant_out
         cfg["eval"]["num_samples"] = 1
         cfg["save"] = {"save_path": str(out), "save_fake": True, "checkpoint_blocks": True}
@@ -337,6 +337,8 @@ def test_shipped_configs_validate(monkeypatch, tmp_path, shared_data, smollm2_pa
     monkeypatch.setenv("LLMC_MODEL", str(smollm2_path))
     cfg = config.load("configs/quantization/gptq_w4a16g128.yml", ["model.type=SmolLM2"])
     assert cfg.special.actorder and not cfg.special.static_groups and cfg.weight.group_size == 128
+    cfg = config.load("configs/quantization/gptq_w4a16g128.yml", ["model.type=SmolLM2", "quant.special={}"])
+    assert cfg.special.actorder and cfg.special.static_groups  # llmc's defaults: act-order, packed layout kept
 
 
 @pytest.mark.slow
