@@ -74,12 +74,17 @@ def test_pretrain_ppl_matches_independent_loop(tiny_model_dir, tiny_text_file, t
     assert record.value == pytest.approx(_ppl(model, ids, 64), rel=1e-6)
 
 
-def test_fake_quant_weights_are_rtn_of_original(tiny_model_dir, tiny_text_file, tmp_path):
+@pytest.mark.parametrize("quant_out", [False, True])
+def test_fake_quant_weights_are_rtn_of_original(quant_out, tiny_model_dir, tiny_text_file, tmp_path):
+    """quant_out: true with RTN (no calibration, so no block pass) once skipped the quantize
+    stage and measured the float model as fake_quant."""
     from transformers import AutoModelForCausalLM
 
     from llmc_core.quant import QuantSpec, fake_quantize
 
-    cfg = config.validate(run_config(tiny_model_dir, tiny_text_file, tmp_path / "o", bit=3))
+    raw = run_config(tiny_model_dir, tiny_text_file, tmp_path / "o", bit=3)
+    raw["quant"]["quant_out"] = quant_out
+    cfg = config.validate(raw)
     run = Run(cfg)
     run.execute()
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -119,7 +119,7 @@ class Run:
                 self.transform()
             self.evaluate("transformed")
             self.save("transformed")
-            if not cfg.quant.quant_out:
+            if not (cfg.quant.quant_out and cfg.method.needs_calibration):  # quant_out quantizes in the block pass, which only calibrating methods run
                 with self.stage("quantize"):
                     self.quantize()
             self.method.finish(overwrite=bool(cfg.save is not None and cfg.save.overwrite) or self.resume)
