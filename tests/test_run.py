@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llmc_core import config
+from llmc_core.errors import LlmcError
 from llmc_core.run import Run
 from llmc_core import hookimpl
 from llmc_core.testing import registered, run_cli, run_config
@@ -178,6 +179,31 @@ def test_methods_see_quant_out_on_the_block_context(quant_out, tiny_model_dir, t
     else:  # a separate quantize pass after the transform pass
         expected = [("transform", 0, False), ("transform", 1, False), ("quantize", 0, False), ("quantize", 1, False)]
     assert probe.seen == expected
+
+
+class _QuantizesNothing:
+    """A method plugin whose quantize_block quantizes nothing."""
+
+    @hookimpl
+    def llmc_register_methods(self, register):
+        from llmc_core.api import Method
+
+        class Nothing(Method):
+            name = "quantizes_nothing"
+
+            def quantize_block(self, ctx):
+                return {}
+
+        register(Nothing)
+
+
+def test_a_method_that_quantizes_nothing_fails_before_fake_quant(tiny_model_dir, tiny_text_file, tmp_path):
+    raw = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", method="quantizes_nothing")
+    raw["eval"]["eval_pos"] = ["fake_quant"]
+    raw["save"]["save_fake"] = True
+    with registered(_QuantizesNothing(), name="test:quantizes_nothing"), pytest.raises(LlmcError, match="quantized no layer"):
+        Run(config.validate(raw)).execute()
+    assert not (tmp_path / "out" / "fake_quant_model").exists()
 
 
 @pytest.mark.skipif(not __import__("os").access("/proc/self/clear_refs", __import__("os").W_OK), reason="needs Linux's /proc/self/clear_refs")

@@ -122,6 +122,8 @@ class Run:
             if not (cfg.quant.quant_out and cfg.method.needs_calibration):  # quant_out quantizes in the block pass, which only calibrating methods run
                 with self.stage("quantize"):
                     self.quantize()
+            if not self.quantized:  # fail closed: never measure or save a float model as quantized
+                raise LlmcError(f"quant.method: {cfg.quant.method} quantized no layer (its quantize_block returned nothing), so fake_quant was neither measured nor saved. Report this with the config.")
             self.method.finish(overwrite=bool(cfg.save is not None and cfg.save.overwrite) or self.resume)
             self.evaluate("fake_quant")
             if "real_quant" in cfg.positions(steps=True):  # the packed int4 layers in place, then the float ones back
