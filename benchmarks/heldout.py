@@ -51,17 +51,8 @@ class _Recording:
 
 
 def c4_heldout(out: Path, hf: Path, n_samples: int) -> tuple[Path, int, int]:
-    """Write the C4 documents the calibration draw never read; returns (file, kept, total)."""
-    from llmc_core import config
-    from llmc_core.plugins import get_manager
-
-    cfg = config.load(peers.CONFIGS["gptq"], [f"save.save_path={out / 'convert'}", "save.overwrite=true", f"model.path={hf}", "model.type=llama", f"calib.n_samples={n_samples}"])
-    c = cfg.calib
-    manager = get_manager()
-    _, tok = cfg.model_family().load(cfg.model)
-    rows = manager.get("dataset", c.name, "calib.name")().read_rows(c.path, c.download, "calib", "calib.path")
-    recording = _Recording(tok)
-    manager.get("preproc", c.preproc, "calib.preproc")().samples(rows, recording, c.n_samples, c.seq_len, c.seed)
+    """Write the C4 documents no calibration window came from; returns (file, kept, total)."""
+    c, rows, _, recording = peers.draw_calibration(out, hf, n_samples, wrap=_Recording)
     known = set(rows)
     if any(text not in known for text, _ in recording.seen):
         raise SystemExit("the calibration draw fell back to the joined text of every document: nothing is held out")

@@ -192,9 +192,11 @@ def _portable_tokenizer(folder: Path) -> None:
         path.write_text(json.dumps(cfg, indent=2))
 
 
-def calibration_ids(out: Path, hf: Path, n_samples: int) -> Path:
-    """llmc's calibration samples for the GPTQ config (C4, random_window, seed 42) with the HF
-    folder's tokenizer, as token id lists: what ``llmc run`` on that folder draws."""
+def draw_calibration(out: Path, hf: Path, n_samples: int, wrap=lambda tok: tok) -> tuple:
+    """llmc's calibration draw for the GPTQ config (C4, random_window, seed 42) with the HF
+    folder's tokenizer, passed through ``wrap`` (e.g. to record what the recipe encodes): what
+    ``llmc run`` on that folder draws. Returns (the calib section, its rows, the samples, the
+    tokenizer the recipe used)."""
     from llmc_core import config
     from llmc_core.plugins import get_manager
 
@@ -202,8 +204,15 @@ def calibration_ids(out: Path, hf: Path, n_samples: int) -> Path:
     c = cfg.calib
     manager = get_manager()
     _, tok = cfg.model_family().load(cfg.model)
+    tok = wrap(tok)
     rows = manager.get("dataset", c.name, "calib.name")().read_rows(c.path, c.download, "calib", "calib.path")
     samples = manager.get("preproc", c.preproc, "calib.preproc")().samples(rows, tok, c.n_samples, c.seq_len, c.seed)
+    return c, rows, samples, tok
+
+
+def calibration_ids(out: Path, hf: Path, n_samples: int) -> Path:
+    """The calibration samples (``draw_calibration``) as token id lists in ``OUT/calib_ids.json``."""
+    _, _, samples, _ = draw_calibration(out, hf, n_samples)
     path = out / "calib_ids.json"
     path.write_text(json.dumps([s[0].tolist() for s in samples]))
     return path
