@@ -107,6 +107,15 @@ def test_fake_quant_position_needs_quant_section(cfg):
     assert "needs a quant section" in line
 
 
+def test_quant_out_refuses_transformed_only_for_methods_with_a_block_pass(cfg):
+    cfg["quant"]["quant_out"] = True
+    cfg["eval"]["eval_pos"] = ["transformed", "fake_quant"]
+    config.validate(cfg)  # RTN has no block pass: transformed is the float model, measurable
+    cfg["quant"]["method"] = "GPTQ"
+    (line,) = _errors(cfg)
+    assert line.startswith("quant.quant_out: true quantizes blocks during calibration")
+
+
 def test_missing_files_are_named(cfg, tmp_path):
     cfg["model"]["path"] = str(tmp_path / "nope")
     cfg["calib"]["path"] = str(tmp_path / "missing.txt")

@@ -257,7 +257,7 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
         problems.lines.extend(f"eval.eval_pos: real_quant: {p}. Measure fake_quant instead." for p in awq_problems(cfg.weight.bit, cfg.weight.granularity, cfg.weight.group_size))
     if cfg.method is not None and cfg.method.needs_calibration and cfg.calib is None:
         problems.add(f"calib: quant.method '{cfg.quant.method}' needs calibration data; add a calib section (e.g. name: pileval, path: ...).")
-    if cfg.quant is not None and cfg.quant.quant_out and "transformed" in cfg.positions():
+    if cfg.quant is not None and cfg.quant.quant_out and "transformed" in cfg.positions() and cfg.method is not None and cfg.method.needs_calibration:
         problems.add("quant.quant_out: true quantizes blocks during calibration, so eval_pos 'transformed' cannot be measured; remove one of them.")
     for saver in cfg.savers:
         if saver.position != "transformed" and cfg.quant is None:
