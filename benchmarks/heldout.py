@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]", help="one more GPTQ row with these overrides, after the default row")
     ap.add_argument("--variants-first", action="store_true", help="run the --variant rows before the default GPTQ row")
+    ap.add_argument("--only-variants", action="store_true", help="run the --variant rows (and RTN, the gap's baseline) but not the default GPTQ row")
     args = ap.parse_args()
     data = os.environ.setdefault("LLMC_DATA", str(peers.ROOT.parent / "shared" / "data"))
     out = args.out or Path(tempfile.mkdtemp(prefix="heldout_"))
@@ -100,7 +101,7 @@ def main() -> None:
     rows, fp = [], None
     for bit in args.bits:
         extra_rows = [(label, sets.split(",")) for label, sets in (v.split(":", 1) for v in args.variant)]
-        gptq = [("gptq", [])]
+        gptq = [] if args.only_variants and extra_rows else [("gptq", [])]
         runs = [("rtn", ["quant.method=RTN", "calib=null", "quant.special={}"]), *(extra_rows + gptq if args.variants_first else gptq + extra_rows)]
         for label, extra in runs:
             first = fp is None
