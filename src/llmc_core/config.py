@@ -105,6 +105,12 @@ class RunConfig:
         return found | {p for step, o in self.steps.values() for p in step.positions(o)} if steps else found
 
     @property
+    def quantizes_in_block_pass(self) -> bool:
+        """``quant.quant_out`` in effect: each block is quantized right after the method's block
+        pass solves it. Only methods that calibrate have a block pass (RTN has none)."""
+        return self.quant is not None and self.quant.quant_out and self.method is not None and self.method.needs_calibration
+
+    @property
     def save_path(self) -> Path | None:
         return Path(self.save.save_path) if self.save is not None else None
 
@@ -257,7 +263,7 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
         problems.lines.extend(f"eval.eval_pos: real_quant: {p}. Measure fake_quant instead." for p in awq_problems(cfg.weight.bit, cfg.weight.granularity, cfg.weight.group_size))
     if cfg.method is not None and cfg.method.needs_calibration and cfg.calib is None:
         problems.add(f"calib: quant.method '{cfg.quant.method}' needs calibration data; add a calib section (e.g. name: pileval, path: ...).")
-    if cfg.quant is not None and cfg.quant.quant_out and "transformed" in cfg.positions() and cfg.method is not None and cfg.method.needs_calibration:
+    if cfg.quantizes_in_block_pass and "transformed" in cfg.positions():
         problems.add("quant.quant_out: true quantizes blocks during calibration, so eval_pos 'transformed' cannot be measured; remove one of them.")
     for saver in cfg.savers:
         if saver.position != "transformed" and cfg.quant is None:

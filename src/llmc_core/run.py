@@ -119,7 +119,7 @@ class Run:
                 self.transform()
             self.evaluate("transformed")
             self.save("transformed")
-            if not (cfg.quant.quant_out and cfg.method.needs_calibration):  # quant_out quantizes in the block pass, which only calibrating methods run
+            if not cfg.quantizes_in_block_pass:
                 with self.stage("quantize"):
                     self.quantize()
             if not self.quantized:  # fail closed: never measure or save a float model as quantized
