@@ -32,7 +32,12 @@ search (llmc: what ``search_dtype: auto`` chose, from its log; llm-compressor: t
 
 CPU-only torch: llm-compressor 0.6.0's calibration DataLoader asks for ``pin_memory=True``; the
 peer script turns it off before ``oneshot`` (``_no_pin_memory``), since pinning needs an
-accelerator. Nothing else of llm-compressor is changed.
+accelerator. Its AWQ search also restores each candidate from a "snapshot" that, on a CPU,
+aliases the live weights (``tensor.cpu()`` returns the tensor itself), so without a fix every
+grid point compounds the previous one's quantization and its W4 PPL came out 36.2, worse than
+RTN's 27.3; the script makes that snapshot a copy during the search (``_awq_snapshot_by_copy``,
+what ``.cpu()`` already does on a GPU) and reports how many searches it covered. Nothing else of
+llm-compressor is changed.
 """
 
 from __future__ import annotations
@@ -76,8 +81,31 @@ PEER_SCRIPT = textwrap.dedent(
             init(self, *a, **kw)
         torch.utils.data.DataLoader.__init__ = patched
 
+    snapshots = []
+
+    def _awq_snapshot_by_copy():
+        """llm-compressor 0.6.0's AWQ grid search keeps ``{k: v.cpu() for k, v in state_dict()}`` to
+        restore the block after each candidate; on a CPU tensor ``.cpu()`` is the tensor itself, so
+        the in-place ``mul_`` / ``copy_`` of each candidate also rewrites the "original" and the
+        restore does nothing: every candidate starts from the previous one's quantized weights
+        (the bug llm-awq's issue 163 reports for its own search). During that search the block's
+        ``state_dict`` hands out copies, which is what ``.cpu()`` gives on an accelerator."""
+        from llmcompressor.modifiers.awq.base import AWQModifier
+        search = AWQModifier._compute_best_scale
+        def patched(self, x_mean, w_mean, parent_module, *a, **kw):
+            own = parent_module.state_dict
+            parent_module.state_dict = lambda *x, **y: {k: v.clone() for k, v in own(*x, **y).items()}
+            try:
+                return search(self, x_mean, w_mean, parent_module, *a, **kw)
+            finally:
+                del parent_module.state_dict
+                snapshots.append(1)
+        AWQModifier._compute_best_scale = patched
+
     if not torch.cuda.is_available():
         _no_pin_memory()
+        if method == "awq":
+            _awq_snapshot_by_copy()
     ids = json.load(open(ids_file))
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -113,6 +141,8 @@ PEER_SCRIPT = textwrap.dedent(
     oneshot(model=model, dataset=data, recipe=[modifier], max_seq_length=len(ids[0]), num_calibration_samples=len(ids))
     seconds = time.perf_counter() - start
     peak = peak_mb(own)
+    if method == "awq" and not torch.cuda.is_available() and not snapshots:
+        raise SystemExit("the AWQ snapshot patch never ran: llm-compressor's search is not the one it fixes")
     # The dense weights llm-compressor's own fake quantization gives (compressed-tensors' signed
     # int range and zero points), so the folder is its quantized model as plain transformers loads it.
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -138,7 +168,7 @@ PEER_SCRIPT = textwrap.dedent(
     PreTrainedModel.save_pretrained(model, out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     import llmcompressor
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "layers": n, "version": llmcompressor.__version__}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "layers": n, "version": llmcompressor.__version__, "awq_searches_patched": len(snapshots)}))
     '''
 )
 
