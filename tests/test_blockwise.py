@@ -31,6 +31,7 @@ def test_blocks_visit_in_order_and_work_sees_inputs():
     seen = []
     run_blocks(adapter, inputs, kwargs, torch.device("cpu"), work=lambda ctx: seen.append((ctx.index, ctx.prefix, ctx.inputs[0].shape)))
     assert seen == [(0, "model.layers.0", (1, 16, 64)), (1, "model.layers.1", (1, 16, 64))]
+    assert inputs == []  # consumed: the caller's list no longer keeps block 0's inputs alive
 
 
 def test_capture_restores_the_model():

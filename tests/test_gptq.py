@@ -188,6 +188,96 @@ def test_true_sequential_sees_the_quantized_earlier_layers():
     assert not torch.equal(results[True][o].codes, results[False][o].codes)
 
 
+@pytest.mark.parametrize("d", [64, 300, 1100])
+def test_hessian_upper_triangle_is_the_full_product(d):
+    """Only XᵀX's upper block triangle is accumulated (in strips); the value is the whole H."""
+    x = correlated_inputs(n=256, d=d, seed=d)
+    h = Hessian.zeros(d, "cpu")
+    h.add(x[:100])
+    h.add(x[100:])
+    value = h.value()
+    assert torch.equal(value, value.T)
+    assert torch.allclose(value, 2 * x.T @ x / 256, rtol=1e-4, atol=1e-3)
+
+
+FAMILY_ATTN = [("llama", "sdpa"), ("llama", "eager"), ("qwen3", "sdpa"), ("phi3", "sdpa"), ("gemma2", "eager"), ("gemma3_text", "sdpa")]
+
+
+def family_ctx(model_type, attn, quant_out):
+    from llmc_core.testing import tiny_model
+    from llmc_plugins.models.families import FAMILIES
+
+    model = tiny_model(model_type, attn=attn)
+    family = next(f for f in FAMILIES if model_type in f.model_types)
+    adapter = family().adapter(model)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(4, 128, (2, 32), generator=gen) for _ in range(3)]
+    inputs, kwargs = capture_block_inputs(model, adapter, batches, torch.device("cpu"))
+    return BlockContext(0, adapter.blocks()[0], adapter.block_prefix(0), adapter, inputs, kwargs, torch.device("cpu"), quant_out=quant_out)
+
+
+def solve_block(ctx, monkeypatch=None, probe=None, **options):
+    """GPTQ on ``ctx``'s block, as the run does with quant_out; returns the solved codes, the
+    outputs GPTQ handed over and how often each linear layer ran."""
+    from llmc_plugins.methods.gptq import passes
+
+    if probe is not None:
+        monkeypatch.setattr(passes, "_probe", probe)
+    linears = ctx.adapter.quant_linears(ctx.block)
+    calls = dict.fromkeys(linears, 0)
+    handles = [m.register_forward_hook(lambda *a, _n=n: calls.__setitem__(_n, calls[_n] + 1)) for n, m in linears.items()]
+    method = Gptq(GptqConfig(**options), QuantSpec(bit=3, symmetric=False, granularity="per_group", group_size=16))
+    method.transform_block(ctx)
+    for handle in handles:
+        handle.remove()
+    codes = {n: q.codes for n, q in method.solved.items()}
+    assert ctx.outputs == []  # quant_out: what transform_block computes is the quantized block's, for quantize_block
+    method.quantize_block(ctx)
+    return codes, ctx.outputs, calls
+
+
+@pytest.mark.parametrize("model_type,attn", FAMILY_ATTN)
+def test_known_submodule_outputs_change_nothing_and_save_the_forwards(model_type, attn, monkeypatch):
+    """GPTQ (true_sequential, quant_out) replaces a submodule whose output is a solved layer's by
+    that layer on its kept input. Against the same solve with every submodule recomputed: the
+    same codes, the handed-over outputs are the quantized block's, and every layer ran once per
+    calibration call (plus the probe), o_proj's submodule only where attention returns no weights."""
+    from llmc_plugins.methods.gptq import passes
+
+    ctx = family_ctx(model_type, attn, quant_out=True)
+    found = passes._probe(ctx, ctx.adapter.quant_linears(ctx.block))[1]
+    assert {layer: parent for layer, (parent, _) in found.items()} == ({"self_attn.o_proj": "self_attn"} if attn == "sdpa" else {}) | {"mlp.down_proj": "mlp"}
+    codes, outputs, calls = solve_block(ctx)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(outputs, ctx.forward()))  # the quantized block's outputs
+    once = [n for n in calls if attn == "sdpa" or n.startswith("mlp.")]  # eager attention is recomputed
+    assert {calls[n] for n in once} == {1 + len(ctx.inputs)}, calls
+    ref = family_ctx(model_type, attn, quant_out=True)
+    ref_codes, ref_outputs, ref_calls = solve_block(ref, monkeypatch, probe=lambda c, lin: (list(lin), {}))
+    assert codes.keys() == ref_codes.keys() and all(torch.equal(codes[n], ref_codes[n]) for n in codes)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(outputs, ref_outputs))
+    assert max(ref_calls.values()) > 1 + len(ctx.inputs)  # the reference recomputed them
+
+
+def test_one_pass_solve_hands_over_the_quantized_block_outputs():
+    """Without true_sequential every input comes from the float block: o_proj's input is not the
+    quantized block's, so it must not stand in for the attention's output."""
+    ctx = family_ctx("llama", "sdpa", quant_out=True)
+    _, outputs, _ = solve_block(ctx, true_sequential=False)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(outputs, ctx.forward()))
+
+
+def test_fused_moe_experts_are_refused_before_any_work():
+    from llmc_core.testing import tiny_model
+    from llmc_plugins.models.families import FAMILIES
+
+    model = tiny_model("mixtral")
+    adapter = next(f for f in FAMILIES if "mixtral" in f.model_types)().adapter(model)
+    with pytest.raises(LlmcError, match="fused MoE expert weights .* Use quant.method: Awq or RTN"):
+        Gptq(GptqConfig(), SPECS[0]).check_model(adapter)
+
+
 # -- configs, savers, runs -----------------------------------------------------------------------
 
 

@@ -15,10 +15,13 @@ import torch
 
 from llmc_core.adapters import ModelAdapter
 from llmc_core.errors import LlmcError
+from llmc_core.memory import release_heap
 
 
-# A block forward takes at most this many tokens in one call (memory only; samples are independent).
-FORWARD_TOKENS = 16384
+# A block forward takes at most this many tokens in one call; samples are independent, so the
+# slicing changes nothing but memory and speed. A SmolLM2 block on 128 x 512 tokens, on a 2-core
+# Xeon: 2.80 s in slices of 16384 tokens, 2.44 s in slices of 4096, 2.42 s of 2048.
+FORWARD_TOKENS = 4096
 
 
 class _Captured(Exception):
@@ -79,6 +82,8 @@ class BlockContext:
     notes: dict[str, Any] = field(default_factory=dict)
     # The block's outputs on ``inputs``: a method's ``work`` may set them when it has computed them
     # for the block as it leaves ``work`` (saving a forward); otherwise run_blocks does before ``after``.
+    # With ``quant_out`` the run discards those of ``transform_block`` (the float block's), and
+    # ``quantize_block`` may set the quantized block's.
     outputs: list[torch.Tensor] = field(default_factory=list)
     # ``quant.quant_out``: quantize_block runs right after transform_block in this pass, and the
     # next block's inputs are the quantized block's outputs.
@@ -244,7 +249,12 @@ def run_blocks(
     ``inputs`` are then block ``start``'s inputs (empty for a pass that needs none, such as the
     quantize pass: every block then has no inputs and no outputs). ``step``: what ``work`` does,
     for the error that names a block left with NaN/inf weights. ``quant_out``: handed to each
-    context (``ctx.quant_out``)."""
+    context (``ctx.quant_out``).
+
+    ``inputs`` is consumed: the list is emptied, so a caller that still holds it does not keep
+    block ``start``'s inputs alive (on the device) while the later blocks run."""
+    inputs, given = list(inputs), inputs
+    given.clear()
     blocks = adapter.blocks()
     for i in progress(range(start, len(blocks))):
         block = blocks[i]
@@ -261,6 +271,8 @@ def run_blocks(
             after(ctx)
         block.to(home)
         inputs = outputs
+        del ctx
+        release_heap()  # the block's activations, freed in pieces the C heap would otherwise keep
     return inputs
 
 

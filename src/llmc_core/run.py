@@ -20,6 +20,7 @@ from llmc_core.checkpoint import Checkpoint, NoCheckpoint
 from llmc_core.config import POSITIONS, RunConfig
 from llmc_core.errors import LlmcError
 from llmc_core.layer_error import LayerErrors
+from llmc_core.memory import peak_rss_mb, reset_peak_rss
 from llmc_core.plugins import PluginManager, get_manager
 from llmc_core.progress import progress
 from llmc_core.results import EvalRecord, render_table, write_json
@@ -61,14 +62,14 @@ class Run:
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        own = _reset_peak_rss()
+        own = reset_peak_rss()
         start = time.perf_counter()
         log.info("%s ...", name)
         self.current_stage = name
         yield
         self.current_stage = None
         seconds = time.perf_counter() - start
-        record = {"stage": name, "seconds": round(seconds, 2), "peak_rss_mb": _peak_rss_mb(own)}
+        record = {"stage": name, "seconds": round(seconds, 2), "peak_rss_mb": peak_rss_mb(own)}
         if torch.cuda.is_available():
             record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         self.stages.append(record)
@@ -196,7 +197,7 @@ class Run:
         def work(ctx: Any) -> None:
             method.transform_block(ctx)
             if quant_out:
-                ctx.outputs = []  # outputs a method computed are the float block's: run the quantized one
+                ctx.outputs = []  # transform_block's outputs are the float block's; quantize_block may set the quantized one's
                 with self.layer_errors.quantizing(ctx, inputs_follow=True):
                     self.quantized.update(method.quantize_block(ctx))
             self.layer_errors.listen(ctx)  # samples a few layer inputs during the runner's output pass
@@ -295,27 +296,3 @@ class Run:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's peak resident memory (Linux's VmHWM) to what it holds now, so that a
-    stage's peak is its own, not the run's so far. False where the system has no such reset."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb(own: bool) -> float:
-    """Peak resident memory in MiB: since the last :func:`_reset_peak_rss` when ``own``, else the
-    process's whole peak (``ru_maxrss``)."""
-    if own:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

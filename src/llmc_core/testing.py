@@ -76,10 +76,12 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def tiny_model(model_type: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = 128, seed: int = 0, outliers: int = 4, **overrides: Any):
+def tiny_model(model_type: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = 128, seed: int = 0, outliers: int = 4, attn: str = "eager", **overrides: Any):
     """A tiny random causal LM of any family in :data:`FAMILY_CONFIGS` (built in memory from
     transformers' own config class: no download). ``outliers`` input channels of every norm are
-    scaled up (x8) so activation-aware methods find outliers, as in real checkpoints."""
+    scaled up (x8) so activation-aware methods find outliers, as in real checkpoints. ``attn``:
+    the attention implementation (``eager`` also returns the attention weights; ``sdpa``, what
+    real checkpoints load with, returns ``None`` for them)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -92,7 +94,7 @@ def tiny_model(model_type: str, hidden: int = 64, layers: int = 2, heads: int = 
     kwargs.update(FAMILY_CONFIGS[model_type])
     kwargs.update(overrides)
     cfg = AutoConfig.for_model(model_type, **kwargs)
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(cfg).eval()
     offset = 1.0 if model_type.startswith("gemma") else 0.0  # Gemma's norms scale by 1 + weight
     gen = torch.Generator().manual_seed(seed + 1)

@@ -78,8 +78,16 @@ class Gptq(Method):
     28672² · 4 B = 3.3 GB, about 13 GB while it is solved, plus the block (1.7 GB in fp16), the
     layer's float32 weight copies (0.94 GB each) and the cached activations.
 
-    What it does not do: OWQ's float outlier columns, activation quantization, or layers outside
-    the decoder blocks (embeddings, ``lm_head``).
+    What it does not do: OWQ's float outlier columns, activation quantization, layers outside
+    the decoder blocks (embeddings, ``lm_head``), or fused MoE experts (Mixtral, Qwen-MoE: refused
+    before any work; their Hessians would need each expert's routed tokens).
+
+    Forwards: each step's pass stops at its input set, and a submodule whose output is a solved
+    layer's output (``self_attn`` → ``o_proj``, ``mlp`` → ``down_proj``, found by a probe forward,
+    see :mod:`~llmc_plugins.methods.gptq.passes`) is replaced by that layer applied to the input
+    its step kept. So ``true_sequential`` with ``quant_out`` costs one block forward plus the
+    Hessians per block, and hands the quantized block's outputs to the next block; only the
+    upper triangle of each ``XᵀX`` is computed.
 
     Example (ModelTC/llmc's GPTQ config, unchanged)::
 
@@ -115,8 +123,8 @@ class Gptq(Method):
     - ``percdamp`` (0.01): damping, as a fraction of ``mean(diag H)``, added to ``diag H``.
     - ``blocksize`` (128): columns per lazy-update block (speed only; same result up to rounding).
     - ``true_sequential`` (true): solve the block's input sets in order (q/k/v, then o, then
-      gate/up, then down), each on inputs computed with the earlier layers already quantized
-      (one partial block forward per set); false: all Hessians from one forward of the float block.
+      gate/up, then down), each on inputs computed with the earlier layers already quantized;
+      false: all Hessians from one forward of the float block.
 
     - ``awq`` (none): AWQ's options (the ``Awq`` method's ``quant.special``, e.g. ``{trans: true,
       weight_clip: true, clip_version: v1}``): run AWQ's scale search and folding (and clipping,
@@ -139,6 +147,8 @@ class Gptq(Method):
             self.awq = Awq(options.awq, weight)  # scales first; GPTQ rounds the scaled weights
         # full layer name -> QuantizedWeight solved in transform_block, written by quantize_block
         self.solved: dict[str, Any] = {}
+        # block index -> the quantized block's outputs (quant_out), from transform_block to quantize_block
+        self._outputs: dict[int, list[Any]] = {}
 
     @classmethod
     def check(cls, run_config: Any) -> None:
@@ -165,41 +175,54 @@ class Gptq(Method):
 
     def check_model(self, adapter: Any) -> None:
         super().check_model(adapter)
+        fused = [n for n, w in adapter.named_quant_linears().items() if not hasattr(w, "register_forward_pre_hook")]
+        if fused:  # a view into a 3-D expert tensor: its inputs (the tokens routed to it) are not observable
+            raise LlmcError(f"GPTQ cannot solve fused MoE expert weights ({len(fused)} of them, e.g. {fused[0]}): their Hessians need each expert's routed tokens, which llmc's GPTQ does not collect. Use quant.method: Awq or RTN for this model.")
         if self.awq is not None:
             self.awq.check_model(adapter)
 
     def transform_block(self, ctx: Any) -> None:
-        from llmc_plugins.methods.gptq.solver import Hessian, gptq_quantize
+        from llmc_plugins.methods.gptq.passes import BlockPasses
 
-        opts = self.options
         if self.awq is not None:
             self.awq.transform_block(ctx)  # its log stays in self.awq.log
         linears = ctx.adapter.quant_linears(ctx.block)
         steps = self._steps(ctx, linears)
         originals = {n: m.weight.data for n, m in linears.items()}
+        passes = BlockPasses(ctx, linears)
         try:
-            for step in steps:
-                hessians = {g[0]: Hessian.zeros(linears[g[0]].in_features, linears[g[0]].weight.device) for g in step}
-                outputs = self._collect(ctx, {n: linears[n] for n in hessians}, hessians, stop_early=opts.true_sequential)
+            for k, step in enumerate(steps):
+                # The first pass sees the float block: run to the end when its outputs are wanted
+                # (not with quant_out, and not when the AWQ step computed them already).
+                later = ctx.quant_out or k < len(steps) - 1  # another pass follows this one
+                hessians, outputs = passes.run(step, to_end=k == 0 and not ctx.quant_out and not ctx.outputs, keep=later)
+                if outputs:
+                    ctx.outputs = outputs
                 for group in step:
                     h = hessians.pop(group[0]).value()
                     for name in group:
-                        layer = linears[name]
-                        full = f"{ctx.prefix}.{name}"
-                        start = time.perf_counter()
-                        res = gptq_quantize(originals[name], h, self.weight, opts.blocksize, opts.percdamp, opts.actorder, opts.static_groups, full)
-                        self.solved[full] = _to_cpu(res.weight)
-                        # Later input sets (true_sequential) see this layer quantized.
-                        layer.weight.data = res.weight.dequantize(layer.weight.dtype).to(layer.weight.device)
-                        seconds = time.perf_counter() - start
-                        log.info("block %d %s: loss %.4g, damp %.3g%s%s, %.2f s", ctx.index, name, res.loss, res.damp, f" (raised {res.retries}x)" if res.retries else "", f", {res.dead} dead inputs" if res.dead else "", seconds)
-                        self.log.append({"block": ctx.index, "layer": name, "loss": res.loss, "damp": res.damp, "retries": res.retries, "dead": res.dead, "seconds": round(seconds, 3)})
+                        self._solve(ctx, name, linears[name], originals[name], h)
                     del h
-                if outputs:  # one full forward of the float block (true_sequential off)
-                    ctx.outputs = outputs
+                    passes.mark_solved(group)
+            if ctx.quant_out:  # the quantized block's outputs: what is known already is not recomputed
+                self._outputs[ctx.index] = passes.run([], to_end=True)[1]
         finally:
             for n, m in linears.items():  # the float block leaves transform_block as it came in
                 m.weight.data = originals[n]
+
+    def _solve(self, ctx: Any, name: str, layer: Any, original: Any, h: Any) -> None:
+        """Quantize one layer against ``h``; later input sets see it quantized."""
+        from llmc_plugins.methods.gptq.solver import gptq_quantize
+
+        opts = self.options
+        full = f"{ctx.prefix}.{name}"
+        start = time.perf_counter()
+        res = gptq_quantize(original, h, self.weight, opts.blocksize, opts.percdamp, opts.actorder, opts.static_groups, full)
+        self.solved[full] = _to_cpu(res.weight)
+        layer.weight.data = res.weight.dequantize(layer.weight.dtype).to(layer.weight.device)
+        seconds = time.perf_counter() - start
+        log.info("block %d %s: loss %.4g, damp %.3g%s%s, %.2f s", ctx.index, name, res.loss, res.damp, f" (raised {res.retries}x)" if res.retries else "", f", {res.dead} dead inputs" if res.dead else "", seconds)
+        self.log.append({"block": ctx.index, "layer": name, "loss": res.loss, "damp": res.damp, "retries": res.retries, "dead": res.dead, "seconds": round(seconds, 3)})
 
     def quantize_block(self, ctx: Any) -> dict[str, Any]:
         import torch
@@ -213,6 +236,8 @@ class Gptq(Method):
                     raise LlmcError(f"GPTQ: no solved weight for {full}; the calibration pass did not reach this layer. Rerun without --resume, or report the bug.")
                 linear.weight.data.copy_(qw.dequantize(linear.weight.dtype).to(linear.weight.device))
                 out[full] = qw
+        if ctx.quant_out and ctx.index in self._outputs:  # computed in transform_block on these very weights
+            ctx.outputs = self._outputs.pop(ctx.index)
         return out
 
     def finish(self, overwrite: bool) -> None:
@@ -259,47 +284,6 @@ class Gptq(Method):
             raise LlmcError(f"GPTQ: the model adapter names layers that are not quantized linear layers of block {ctx.index}: {', '.join(unknown)}; the adapter's linear groups are wrong for this model.")
         sets = groups + [[n] for n in linears if n not in named]
         return [[s] for s in sets] if self.options.true_sequential and groups else [sets]
-
-    def _collect(self, ctx: Any, firsts: dict[str, Any], hessians: dict[str, Any], stop_early: bool) -> list[Any]:
-        """Accumulate ``XᵀX`` of each layer in ``firsts`` over every calibration batch. With
-        ``stop_early`` each forward stops once every layer has seen its input (the block's output
-        is not needed); otherwise the full forward's outputs are returned (one tensor per batch)."""
-        import torch
-
-        from llmc_core.blockwise import first_tensor, split_call
-
-        class _Done(Exception):
-            pass
-
-        seen: set[str] = set()
-
-        def make(name: str):
-            def pre(module: Any, args: tuple) -> None:
-                hessians[name].add(args[0])
-                seen.add(name)
-                if stop_early and len(seen) == len(firsts):
-                    raise _Done
-
-            return pre
-
-        handles = [m.register_forward_pre_hook(make(n)) for n, m in firsts.items()]
-        outputs = []
-        try:
-            with torch.no_grad():
-                for h, kw in zip(ctx.inputs, ctx.kwargs):
-                    outs = []
-                    for args, part_kw in split_call((h,), kw):  # bounded activations; XᵀX sums the same
-                        seen.clear()
-                        try:
-                            outs.append(first_tensor(ctx.block(*args, **part_kw)))
-                        except _Done:
-                            pass
-                    if not stop_early:
-                        outputs.append(torch.cat(outs) if len(outs) > 1 else outs[0])
-        finally:
-            for handle in handles:
-                handle.remove()
-        return outputs
 
 
 def _to_cpu(qw: Any) -> Any:

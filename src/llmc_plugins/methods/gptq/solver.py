@@ -33,10 +33,16 @@ log = logging.getLogger("llmc.gptq")
 DAMP_RETRIES = 6
 
 
+# ``XᵀX`` is symmetric: only its upper block triangle is computed, in strips of this many rows
+# (inputs narrower than two strips take one product). 62% of a full product's work at 576 inputs,
+# 56% at 1536; strips of 128+ rows keep the matmuls efficient.
+STRIP = 128
+
+
 @dataclass
 class Hessian:
-    """Running ``XᵀX`` of one input (float32, ``[in, in]``) and its token count; several layers
-    that read the same input share one."""
+    """Running ``XᵀX`` of one input (float32, ``[in, in]``, upper block triangle only until
+    :meth:`value`) and its token count; several layers that read the same input share one."""
 
     xtx: torch.Tensor
     tokens: int = 0
@@ -47,14 +53,19 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
-        self.xtx.addmm_(x2.T, x2)
+        d = x2.shape[1]
+        step = max(STRIP, -(-d // 8))  # at most 8 strips: the saving flattens, the calls do not
+        for i in range(0, d, step):
+            self.xtx[i : i + step, i:].addmm_(x2[:, i : i + step].T, x2[:, i:])
         self.tokens += x2.shape[0]
 
     def value(self) -> torch.Tensor:
-        """``H = 2 XᵀX / n``."""
+        """``H = 2 XᵀX / n`` (the lower triangle mirrored from the upper one)."""
         if not self.tokens:
             raise LlmcError("GPTQ: a layer saw no calibration tokens; check calib.n_samples and that the model adapter names the block's layers.")
-        return self.xtx * (2.0 / self.tokens)
+        h = torch.triu(self.xtx)
+        h += torch.triu(self.xtx, 1).T  # three [in, in] matrices at most, fewer than the solver holds
+        return h.mul_(2.0 / self.tokens)
 
 
 @dataclass
