@@ -289,6 +289,7 @@ def test_fused_moe_experts_are_refused_before_any_work():
         ({"blocksize": 0}, "quant.special.blocksize"),
         ({"owq": True, "n_outs": [6]}, "'owq' is not supported"),
         ({"quant_out": True}, "move it to quant.quant_out"),
+        ({"weighted_mse": True}, "set quant.weight.calib_algo: mse"),
     ],
 )
 def test_bad_special_keys_are_clear_errors(special, message, tiny_model_dir, tiny_text_file, tmp_path):

@@ -143,6 +143,31 @@ def test_mse_never_loses_to_minmax_per_group_and_wins_overall():
     assert torch.equal(minmax, fake_quantize(w, QuantSpec(bit=4, group_size=32)))  # minmax is the default
 
 
+def test_mse_importance_weights_each_column_error():
+    """A column that matters most (a massive input channel) is rounded as well as the full range
+    rounds it, where the unweighted search trades it for the others; equal weights change
+    nothing; per-element weights ([rows, k]) give the per-column ones' result."""
+    from llmc_core.quant.fake import qparams, quantize_grouped, weight_range
+
+    spec = QuantSpec(bit=3, symmetric=True, group_size=16, calib_algo="mse")
+    wg = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    wg[:, 0] = 6.0  # each row's outlier, in column 0: exact on the full symmetric range
+
+    def col0_error(rng):
+        scale, zero = qparams(wg, spec, *rng)
+        return ((quantize_grouped(wg, scale, zero, spec) - zero) * scale - wg)[:, 0].abs()
+
+    plain = weight_range(wg, spec)
+    heavy = torch.ones(16)
+    heavy[0] = 1e4
+    weighted = weight_range(wg, spec, heavy)
+    full = col0_error((None, None))
+    assert (col0_error(plain) > full + 0.1).all()  # the unweighted search clips the outlier
+    assert (col0_error(weighted) <= full + 1e-6).all()
+    assert torch.equal(weight_range(wg, spec, torch.full((16,), 3.0))[0], plain[0])
+    assert torch.equal(weight_range(wg, spec, heavy.expand(4, 16))[0], weighted[0])
+
+
 def test_calib_algo_learnable_and_unknown_values_are_refused():
     with pytest.raises(ValueError, match="learnable .* is not implemented; use minmax or mse"):
         QuantSpec(bit=4, group_size=64, calib_algo="learnable")

@@ -40,16 +40,16 @@ def peak_rss_mb(own: bool) -> float:
 def release_heap() -> bool:
     """Return the C heap's free pages to the system (glibc's ``malloc_trim``; a few ms). False
     where the C library has no such call (macOS, musl): nothing is done there."""
-    trim = _malloc_trim()
-    if trim is None:
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
         return False
-    trim(0)
+    libc.malloc_trim(0)
     return True
 
 
 @functools.cache
-def _malloc_trim():
+def _libc() -> ctypes.CDLL | None:
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or None)
+    except OSError:
         return None

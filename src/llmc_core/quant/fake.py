@@ -50,19 +50,22 @@ MSE_GRID, MSE_STEPS, MSE_NORM = 100, 80, 2.4
 MSE_CHUNK = 1 << 22  # elements of the weight searched at a time (16 MB in float32)
 
 
-def weight_range(wg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def weight_range(wg: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(max_val, min_val)`` for :func:`qparams` under ``spec.calib_algo``: ``(None, None)`` (the
     groups' own min and max) for ``minmax``; for ``mse`` the min-max range of each group shrunk
     by the factor that minimises ``sum |w - q(w)|^MSE_NORM`` over the group (first minimum wins,
-    so a group that no shrink helps keeps its full range)."""
+    so a group that no shrink helps keeps its full range). ``importance`` (``[k]``, one per
+    column of a ``[rows, k]`` ``wg``) weights each column's error in that sum, e.g. the energy of
+    the input it multiplies; ``[rows, k]``: one weight per element)."""
     if getattr(spec, "calib_algo", "minmax") != "mse":
         return None, None
     rows = max(1, MSE_CHUNK // max(1, wg.shape[-1]))  # a few temporaries of this size, whatever the layer
-    parts = [_mse_range(part.float(), spec) for part in wg.split(rows, dim=-2)]
+    weights = importance.split(rows, dim=-2) if importance is not None and importance.dim() > 1 else [importance] * -(-wg.shape[-2] // rows)
+    parts = [_mse_range(part.float(), spec, imp) for part, imp in zip(wg.split(rows, dim=-2), weights)]
     return torch.cat([hi for hi, _ in parts], dim=-2), torch.cat([lo for _, lo in parts], dim=-2)
 
 
-def _mse_range(wg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _mse_range(wg: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     hi0 = wg.abs().amax(dim=-1, keepdim=True) if spec.symmetric else wg.amax(dim=-1, keepdim=True)
     lo0 = -hi0 if spec.symmetric else wg.amin(dim=-1, keepdim=True)
     best_err = torch.full_like(hi0, float("inf"))
@@ -71,7 +74,8 @@ def _mse_range(wg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
         p = 1 - i / MSE_GRID
         hi, lo = hi0 * p, lo0 * p
         scale, zero = qparams(wg, spec, hi, lo)
-        err = quantize_grouped(wg, scale, zero, spec).sub_(zero).mul_(scale).sub_(wg).abs_().pow_(MSE_NORM).sum(dim=-1, keepdim=True)
+        err = quantize_grouped(wg, scale, zero, spec).sub_(zero).mul_(scale).sub_(wg).abs_().pow_(MSE_NORM)
+        err = (err if importance is None else err.mul_(importance)).sum(dim=-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_hi = torch.where(better, hi, best_hi)
@@ -145,12 +149,15 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     return QuantizedWeight(codes, scale.reshape(shape), zero.reshape(shape), spec)
 
 
-def column_qparams(cols: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def column_qparams(cols: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points for a ``[out, k]`` slice of weight columns, for methods that quantize
     column by column (GPTQ): the slice is one group's columns (``per_group``), or the whole weight
-    (``per_channel``: ``[out, 1]`` each; ``per_tensor``: ``[1, 1]``). Same rule as :func:`qparams`."""
+    (``per_channel``: ``[out, 1]`` each; ``per_tensor``: ``[1, 1]``). Same rule as :func:`qparams`;
+    ``importance`` (``[k]``) weights the columns in ``calib_algo: mse``'s search."""
     wg = cols.float().reshape(1, -1) if spec.granularity == "per_tensor" else cols.float()
-    return qparams(wg, spec, *weight_range(wg, spec))
+    if importance is not None and spec.granularity == "per_tensor":
+        importance = importance.repeat(cols.shape[0])
+    return qparams(wg, spec, *weight_range(wg, spec, importance))
 
 
 def quantize_columns(cols: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

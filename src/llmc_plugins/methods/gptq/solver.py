@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from llmc_core.errors import LlmcError
-from llmc_core.quant.fake import QuantizedWeight, column_qparams, quantize_columns
+from llmc_core.quant.fake import QuantizedWeight, column_qparams, group_view, qparams, quantize_columns, weight_range
 
 log = logging.getLogger("llmc.gptq")
 
@@ -109,7 +109,7 @@ def inverse_factor(h: torch.Tensor, percdamp: float, name: str = "layer") -> tup
 
 
 @torch.no_grad()
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: Any, blocksize: int = 128, percdamp: float = 0.01, actorder: bool = False, static_groups: bool = False, name: str = "layer") -> Solved:
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: Any, blocksize: int = 128, percdamp: float = 0.01, actorder: bool = False, static_groups: bool = False, name: str = "layer", weighted: bool = False) -> Solved:
     """Quantize ``w`` (``[out, in]``) against Hessian ``h`` (``[in, in]``); ``h`` is not modified.
 
     ``actorder``: quantize columns in descending ``diag H`` (the inputs with the most energy first,
@@ -124,12 +124,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: Any, blocksize: int = 
     H[dead, dead] = 1.0  # a dead input constrains nothing; its weights are zeroed (as the reference)
     W[:, dead] = 0.0
     g = spec.group_size if spec.granularity == "per_group" else None
-    fixed = column_qparams(W, spec) if g is None else None
-    static = [column_qparams(W[:, i : i + g], spec) for i in range(0, n, g)] if g is not None and static_groups else None
+    d = torch.diagonal(H).clone() if weighted else None  # each column's input energy, for mse's range search
+    fixed = column_qparams(W, spec, d) if g is None else None
+    static = _static_groups(W, spec, d) if g is not None and static_groups else None
     perm = None
     if actorder:
         perm = torch.argsort(torch.diagonal(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+        d = None if d is None else d[perm]
     hinv, damp, retries = inverse_factor(H, percdamp, name)
     del H
 
@@ -144,7 +146,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: Any, blocksize: int = 
         err1 = torch.zeros_like(W1)
         hinv1 = hinv[i1:i2, i1:i2]
         with _one_thread(W.device):
-            _solve_block(W, W1, err1, hinv, hinv1, i1, codes, scales, zeros, loss, spec, g, fixed, static, perm)
+            _solve_block(W, W1, err1, hinv, hinv1, i1, codes, scales, zeros, loss, spec, g, fixed, static, perm, d)
         W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     g_idx = None
@@ -162,7 +164,19 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: Any, blocksize: int = 
     return Solved(qw, float(loss), damp, retries, int(dead.sum()))
 
 
-def _solve_block(W, W1, err1, hinv, hinv1, i1, codes, scales, zeros, loss, spec, g, fixed, static, perm) -> None:
+def _static_groups(W: torch.Tensor, spec: Any, d: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each group's ``(scale, zero)`` (``[out, 1]``) from the original weight's consecutive columns,
+    all groups in one search (``calib_algo: mse`` weighted by ``d``, ``[in]``, when given)."""
+    out_f, n = W.shape
+    g = spec.group_size
+    wg = group_view(W, spec)  # [out * n/g, g]: row r is output r // (n/g), group r % (n/g)
+    importance = None if d is None else d.reshape(1, n // g, g).expand(out_f, -1, -1).reshape(-1, g)
+    scale, zero = qparams(wg, spec, *weight_range(wg, spec, importance))
+    scale, zero = scale.reshape(out_f, n // g), zero.reshape(out_f, n // g)
+    return [(scale[:, k : k + 1], zero[:, k : k + 1]) for k in range(n // g)]
+
+
+def _solve_block(W, W1, err1, hinv, hinv1, i1, codes, scales, zeros, loss, spec, g, fixed, static, perm, d=None) -> None:
     """Quantize the columns of one lazy-update block ``W1`` (starting at column ``i1``) in place:
     codes, group parameters and the loss go into the given tensors, each column's scaled error
     into ``err1``."""
@@ -174,7 +188,7 @@ def _solve_block(W, W1, err1, hinv, hinv1, i1, codes, scales, zeros, loss, spec,
         elif static is not None:
             scale, zero = static[int(perm[col] if perm is not None else col) // g]
         elif col % g == 0:
-            scale, zero = column_qparams(_current_columns(W, W1, err1, hinv, i1, i, g), spec)
+            scale, zero = column_qparams(_current_columns(W, W1, err1, hinv, i1, i, g), spec, None if d is None else d[col : col + g])
             scales[:, col // g], zeros[:, col // g] = scale[:, 0], zero[:, 0]
         elif scale is None:  # a block that starts inside a group: that group's parameters
             k = col // g
