@@ -11,7 +11,9 @@ What one invocation does:
 3. builds ``OUT/peer-venv`` (or uses ``--venv``) with torch 2.13.0 (the CPU wheel on this disk),
    ``llmcompressor==LLMCOMPRESSOR_VERSION`` and the pins it needs to run (``PEER_PINS``);
 4. per method and bit width: ``llmc run`` (AWQ: the quick-start recipe, scales + clipping;
-   GPTQ: act-order with static groups, ``quant_out``) and llm-compressor's ``oneshot`` with
+   GPTQ: the quick-start recipe, act-order with static groups, ``quant_out``, ``calib_algo: mse``
+   weighted by ``diag H``; ``--variant gptq:minmax:quant.weight.calib_algo=minmax`` adds the
+   reference's range rule) and llm-compressor's ``oneshot`` with
    ``AWQModifier`` (its defaults: duo scaling, no clipping) or ``GPTQModifier`` (dampening 0.01,
    block 128, ``actorder: weight`` = llmc's act-order with static groups), both W{bits}A16
    asymmetric, group 64, ``lm_head`` left in float;
