@@ -286,7 +286,8 @@ def run_llmc(method: str, bit: int, out: Path, common: list[str], n_samples: int
         log = llmc([str(CONFIGS[method]), *overrides], log_file)
     seconds, peak = method_stages(mine)
     chosen = re.search(r"search_dtype auto: (\w+)", log)
-    dtype = chosen.group(1) if chosen else ("float32" if method == "gptq" else "?")
+    given = [o.split("=", 1)[1] for o in extra if o.startswith("quant.special.search_dtype=")]
+    dtype = chosen.group(1) if chosen else given[-1] if given else ("float32" if method == "gptq" else "?")
     return {"tool": f"llmc {label}".strip(), "method": method, "bit": bit, "seconds": seconds, "peak_mb": peak, "dtype": dtype, "ppl": ppl_of(mine, "fake_quant"), "fp": ppl_of(mine, "pretrain") if first else None}
 
 
