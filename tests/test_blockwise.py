@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from llmc_core.blockwise import capture_block_inputs, run_blocks
+from llmc_core.blockwise import capture_block_inputs, join_parts, run_blocks
+from llmc_core.errors import LlmcError
 from llmc_core.testing import tiny_llama
 from llmc_plugins.models.families import LlamaAdapter
 
@@ -119,3 +121,13 @@ def test_split_call_cuts_per_sample_tensors_only():
     torch.testing.assert_close(torch.cat([a[0] for a, _ in calls]), h)
     assert [a[0].shape[0] for a, _ in split_call((h,), kw, size=3)] == [3, 1]
     assert len(list(split_call((h,), kw))) == 1  # 16 tokens fit FORWARD_TOKENS: the call stays whole
+
+
+def test_join_parts_writes_the_slices_in_order_into_one_batch():
+    x = torch.randn(8, 3, 4)
+    parts = [x[0:3].clone(), x[3:6].clone(), x[6:8].clone()]
+    assert torch.equal(join_parts(8, iter(parts)), x)
+    whole = x.clone()
+    assert join_parts(8, iter([whole])) is whole  # one call: no copy
+    with pytest.raises(LlmcError, match="6 of its 8 samples"):
+        join_parts(8, iter(parts[:2]))

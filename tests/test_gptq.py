@@ -268,6 +268,20 @@ def test_one_pass_solve_hands_over_the_quantized_block_outputs():
         assert all(torch.equal(a, b) for a, b in zip(outputs, ctx.forward()))
 
 
+def test_sliced_calls_keep_and_let_go_of_known_outputs_per_slice(monkeypatch):
+    """Batches forwarded in slices (one sample per call here): each kept input turns into its
+    layer's output slice by slice, every pass finds the known output of its own call, and the
+    last pass (which lets each go after use) still hands over the quantized block's outputs."""
+    from llmc_core import blockwise
+
+    monkeypatch.setattr(blockwise, "FORWARD_TOKENS", 32)
+    ctx = family_ctx("llama", "sdpa", quant_out=True)
+    _, outputs, calls = solve_block(ctx)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(outputs, ctx.forward()))
+    assert calls["mlp.down_proj"] == calls["self_attn.o_proj"] == 1 + 2 * len(ctx.inputs)  # the probe, then once per slice
+
+
 def test_fused_moe_experts_are_refused_before_any_work():
     from llmc_core.testing import tiny_model
     from llmc_plugins.models.families import FAMILIES

@@ -96,8 +96,7 @@ class BlockContext:
         it, and ``calib.bs: -1`` puts every calibration sample in one batch."""
         outs = []
         for h, kw in zip(inputs or self.inputs, kwargs or self.kwargs):
-            parts = [first_tensor(self.block(*a, **k)) for a, k in split_call((h,), kw)]
-            outs.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+            outs.append(join_parts(h.shape[0], (first_tensor(self.block(*a, **k)) for a, k in split_call((h,), kw))))
         return outs
 
 
@@ -117,6 +116,22 @@ def split_call(args: tuple, kwargs: dict[str, Any], max_tokens: int | None = Non
     for i in range(0, n, size):
         part = slice(i, i + size)
         yield tuple(cut_batch(a, n, part) for a in args), {k: cut_batch(v, n, part) for k, v in kwargs.items()}
+
+
+def join_parts(n: int, parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The outputs of :func:`split_call`'s calls (consecutive slices of ``n`` samples) as one
+    batch, written into one tensor as they come: ``torch.cat`` of the parts would hold the batch
+    twice."""
+    out, at = None, 0
+    for part in parts:
+        if out is None:
+            out = part if part.shape[0] == n else part.new_empty((n, *part.shape[1:]))
+        if out is not part:
+            out[at : at + part.shape[0]] = part
+        at += part.shape[0]
+    if out is None or at != n:
+        raise LlmcError(f"A block call in slices returned {at} of its {n} samples; this model family needs its own adapter.")
+    return out
 
 
 def first_tensor(out: Any) -> torch.Tensor:

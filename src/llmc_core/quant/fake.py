@@ -70,11 +70,13 @@ def _mse_range(wg: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | Non
     lo0 = -hi0 if spec.symmetric else wg.amin(dim=-1, keepdim=True)
     best_err = torch.full_like(hi0, float("inf"))
     best_hi, best_lo = hi0.clone(), lo0.clone()
+    buf = torch.empty_like(wg)  # one temporary for every step: a fresh one each time costs its page faults
     for i in range(MSE_STEPS):
         p = 1 - i / MSE_GRID
         hi, lo = hi0 * p, lo0 * p
         scale, zero = qparams(wg, spec, hi, lo)
-        err = quantize_grouped(wg, scale, zero, spec).sub_(zero).mul_(scale).sub_(wg).abs_().pow_(MSE_NORM)
+        # quantize_grouped's operations, in place: |dequantized - w| ** MSE_NORM
+        err = torch.div(wg, scale, out=buf).round_().add_(zero).clamp_(spec.qmin, spec.qmax).sub_(zero).mul_(scale).sub_(wg).abs_().pow_(MSE_NORM)
         err = (err if importance is None else err.mul_(importance)).sum(dim=-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

@@ -219,7 +219,7 @@ class Gptq(Method):
                     del h
                     passes.mark_solved(group)
             if ctx.quant_out:  # the quantized block's outputs: what is known already is not recomputed
-                self._outputs[ctx.index] = passes.run([], to_end=True)[1]
+                self._outputs[ctx.index] = passes.run([], to_end=True, keep=False)[1]
         finally:
             for n, m in linears.items():  # the float block leaves transform_block as it came in
                 m.weight.data = originals[n]

@@ -22,18 +22,22 @@ attention that also returns its weights) is computed in full, as before.
 
 Memory: the cached inputs and outputs live where the block's inputs do, in the model's dtype: at
 most one layer input (``tokens × in``, down_proj's the widest) and one output per replaced
-submodule (``tokens × hidden`` each) besides the block's inputs.
+submodule (``tokens × hidden`` each) besides the block's inputs. A kept input turns into its
+layer's output one part at a time and its pages go back to the system before the next pass
+(down_proj's input is ``tokens × intermediate``, its output ``tokens × hidden``); the last pass
+lets each known output go once it is used, so the block's outputs take their place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from llmc_core.blockwise import BlockContext, first_tensor, split_call, sub_batches
+from llmc_core.blockwise import BlockContext, first_tensor, join_parts, split_call, sub_batches
 from llmc_core.memory import release_heap
 from llmc_plugins.methods.gptq.solver import Hessian
 
@@ -79,18 +83,23 @@ class BlockPasses:
         handles = [self.linears[n].register_forward_pre_hook(make(n)) for n in firsts]
         outputs = []
         try:
-            with torch.no_grad(), self._replaced() as slot:
-                for h, kw in zip(self.ctx.inputs, self.ctx.kwargs):
-                    outs = []
+            with torch.no_grad(), self._replaced(last=not keep) as slot:
+
+                def calls(h: torch.Tensor, kw: dict[str, Any]) -> Iterator[torch.Tensor]:
                     for args, part_kw in split_call((h,), kw):
                         seen.clear()
                         try:
-                            outs.append(first_tensor(self.ctx.block(*args, **part_kw)))
+                            yield first_tensor(self.ctx.block(*args, **part_kw))
                         except _Done:
                             pass
                         slot[0] += 1
+
+                for h, kw in zip(self.ctx.inputs, self.ctx.kwargs):
                     if to_end:
-                        outputs.append(torch.cat(outs) if len(outs) > 1 else outs[0])
+                        outputs.append(join_parts(h.shape[0], calls(h, kw)))
+                    else:
+                        for _ in calls(h, kw):
+                            pass
         finally:
             for handle in handles:
                 handle.remove()
@@ -106,12 +115,18 @@ class BlockPasses:
         x = self._inputs.pop(layers[0], None)
         if x is None:
             return
+        known = [n for n in layers if n in self.parents]
+        outs: dict[str, list[torch.Tensor]] = {n: [] for n in known}
         with torch.no_grad():
-            for name in layers:
-                if name in self.parents:
-                    parent, shape = self.parents[name]
-                    outs = [self.linears[name](part) for part in x]
-                    self._outputs[parent] = outs if shape is None else [shape[0]((o, *[None] * (shape[1] - 1))) for o in outs]
+            for i in range(len(x)):  # each input part is dropped once its outputs exist: one part's overlap, not the whole input's
+                for name in known:
+                    outs[name].append(self.linears[name](x[i]))
+                x[i] = None
+        del x
+        for name in known:
+            parent, shape = self.parents[name]
+            self._outputs[parent] = outs[name] if shape is None else [shape[0]((o, *[None] * (shape[1] - 1))) for o in outs[name]]
+        release_heap()  # the input's pages (down_proj's: tokens x 1536), before the next pass allocates its own
 
     def _worth_keeping(self, layers: list[str]) -> bool:
         """Keep a set's input only if it can stand in for a submodule later: the submodule returns
@@ -123,9 +138,10 @@ class BlockPasses:
         return all(n in self.solved or n in layers for n in self.order[:first])
 
     @contextlib.contextmanager
-    def _replaced(self) -> Iterator[list[int]]:
+    def _replaced(self, last: bool) -> Iterator[list[int]]:
         """Swap in the known outputs of submodules whose layers are all solved, for one pass;
-        yields a one-item list that the pass keeps at the index of its current call."""
+        yields a one-item list that the pass keeps at the index of its current call. ``last``: no
+        pass follows, so each known output is let go once used (the block's outputs grow as they shrink)."""
         slot = [0]
         swapped = []
         for name, outs in self._outputs.items():
@@ -133,7 +149,7 @@ class BlockPasses:
                 continue
             module = self.ctx.block.get_submodule(name)
             swapped.append((module, module.__dict__.get("forward")))  # e.g. an accelerate hook's wrapper
-            module.forward = lambda *a, _outs=outs, **k: _outs[slot[0]]
+            module.forward = functools.partial(_known_output, outs, slot, last)
         try:
             yield slot
         finally:
@@ -142,6 +158,14 @@ class BlockPasses:
                     del module.forward
                 else:
                     module.forward = own
+
+
+def _known_output(outs: list[Any], slot: list[int], last: bool, *args: Any, **kwargs: Any) -> Any:
+    """A replaced submodule's forward: its known output for the pass's current call."""
+    out = outs[slot[0]]
+    if last:
+        outs[slot[0]] = None
+    return out
 
 
 def _probe(ctx: BlockContext, linears: dict[str, Any]) -> tuple[list[str], dict[str, tuple[str, Any]]]:
