@@ -75,8 +75,7 @@ def _mse_range(wg: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | Non
         p = 1 - i / MSE_GRID
         hi, lo = hi0 * p, lo0 * p
         scale, zero = qparams(wg, spec, hi, lo)
-        # quantize_grouped's operations, in place: |dequantized - w| ** MSE_NORM
-        err = torch.div(wg, scale, out=buf).round_().add_(zero).clamp_(spec.qmin, spec.qmax).sub_(zero).mul_(scale).sub_(wg).abs_().pow_(MSE_NORM)
+        err = quantize_grouped(wg, scale, zero, spec, out=buf).sub_(zero).mul_(scale).sub_(wg).abs_().pow_(MSE_NORM)
         err = (err if importance is None else err.mul_(importance)).sum(dim=-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -93,9 +92,10 @@ def _stored_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return scale.clamp(max=65504.0).to(torch.float16).float().clamp(min=2.0**-24)
 
 
-def quantize_grouped(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Integer codes (as floats) of ``wg`` for the given scale and zero point."""
-    return torch.clamp(torch.round(wg / scale) + zero, spec.qmin, spec.qmax)
+def quantize_grouped(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes (as floats) of ``wg`` for the given scale and zero point: one new tensor, or
+    ``out`` (of the result's shape) when given, for a loop that reuses its temporary."""
+    return torch.div(wg, scale, out=out).round_().add_(zero).clamp_(spec.qmin, spec.qmax)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None = None, min_val: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,6 +189,6 @@ def fake_quantize_(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         raise ValueError("fake_quantize_ needs a contiguous float32 tensor")
     wg = group_view(w, spec)
     scale, zero = qparams(wg, spec)
-    q = wg.div(scale).round_().add_(zero).clamp_(spec.qmin, spec.qmax)
+    q = quantize_grouped(wg, scale, zero, spec)
     wg.copy_(q.sub_(zero).mul_(scale))
     return w
