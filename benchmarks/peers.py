@@ -25,8 +25,11 @@ What one invocation does:
 Columns: ``method s`` is llmc's method stages (transform + quantize) / llm-compressor's
 ``oneshot`` call, neither counting model loading or evaluation; ``peak RSS`` is the process's
 peak resident memory during that (model included; on Linux both reset the peak, VmHWM, when it
-starts, so loading and evaluation before it do not count); ``dtype`` is the precision of AWQ's
-search (llmc: what ``search_dtype: auto`` chose, from its log; llm-compressor: the model's);
+starts, so loading before it does not count; no run evaluates before its method: the float
+model's PPL comes from an evaluation-only llmc run of its own); ``dtype`` is the precision of
+AWQ's search and of GPTQ's block forwards (llmc: what ``search_dtype: auto`` /
+``forward_dtype: auto`` chose, from its log, or the variant's explicit value; llm-compressor:
+the model's);
 ``÷ peer`` divides llmc's figure by llm-compressor's for the same method and bits.
 
     LLMC_DATA=../shared/data python benchmarks/peers.py                  # AWQ+GPTQ, w4+w3, 128 samples
@@ -270,25 +273,34 @@ def cpu_name() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def run_llmc(method: str, bit: int, out: Path, common: list[str], n_samples: int, first: bool, reuse: bool, variant: tuple[str, list[str]] = ("", [])) -> dict:
-    """One llmc run; the first also measures the float model (``pretrain``). ``reuse``: take a
+def float_ppl(out: Path, hf: Path, common: list[str], reuse: bool) -> float:
+    """The float model's PPL, in an evaluation-only run of its own: a method's run never follows an
+    evaluation in the same process, as the peer's never does (a forward pages in every weight of
+    the lazily loaded model, which would count in that run's peak memory)."""
+    fp = out / "llmc_fp32"
+    if not (reuse and (fp / "results.json").is_file()):
+        llmc([str(CONFIGS["gptq"]), *common, f"model.path={hf}", f"save.save_path={fp}", "save.overwrite=true", "eval.eval_pos=[pretrain]", "quant=null", "calib=null", "save.save_fake=false"])
+    return ppl_of(fp, "pretrain")
+
+
+def run_llmc(method: str, bit: int, out: Path, common: list[str], n_samples: int, reuse: bool, variant: tuple[str, list[str]] = ("", [])) -> dict:
+    """One llmc run of the method, measured on ``fake_quant`` only. ``reuse``: take a
     finished run's results and log from ``out`` instead of running it again. ``variant``: a
     label and the overrides that make it (``--variant``)."""
     label, extra = variant
     tag = f"llmc_{method}_w{bit}" + (f"_{label}" if label else "")
     mine = out / tag
     log_file = out / f"{tag}.log"
-    positions = "[pretrain, fake_quant]" if first else "[fake_quant]"
-    overrides = [*common, f"save.save_path={mine}", "save.overwrite=true", f"quant.weight.bit={bit}", f"eval.eval_pos={positions}", f"calib.n_samples={n_samples}", "calib.preproc=random_window", *extra]
+    overrides = [*common, f"save.save_path={mine}", "save.overwrite=true", f"quant.weight.bit={bit}", "eval.eval_pos=[fake_quant]", f"calib.n_samples={n_samples}", "calib.preproc=random_window", *extra]
     if reuse and (mine / "results.json").is_file() and log_file.is_file():
         log = log_file.read_text()
     else:
         log = llmc([str(CONFIGS[method]), *overrides], log_file)
     seconds, peak = method_stages(mine)
-    chosen = re.search(r"search_dtype auto: (\w+)", log)
-    given = [o.split("=", 1)[1] for o in extra if o.startswith("quant.special.search_dtype=")]
-    dtype = chosen.group(1) if chosen else given[-1] if given else ("float32" if method == "gptq" else "?")
-    return {"tool": f"llmc {label}".strip(), "method": method, "bit": bit, "seconds": seconds, "peak_mb": peak, "dtype": dtype, "ppl": ppl_of(mine, "fake_quant"), "fp": ppl_of(mine, "pretrain") if first else None}
+    chosen = re.search(r"(?:search|forward)_dtype auto: (\w+)", log)
+    given = [o.split("=", 1)[1] for o in extra if o.startswith(("quant.special.search_dtype=", "quant.special.forward_dtype="))]
+    dtype = given[-1] if given else chosen.group(1) if chosen else "?"
+    return {"tool": f"llmc {label}".strip(), "method": method, "bit": bit, "seconds": seconds, "peak_mb": peak, "dtype": dtype, "ppl": ppl_of(mine, "fake_quant")}
 
 
 def run_peer(python: Path, method: str, bit: int, out: Path, hf: Path, ids: Path, common: list[str]) -> dict:
@@ -334,17 +346,18 @@ def main() -> None:
     for v in args.variant:
         method, label, sets = v.split(":", 2)
         variants.setdefault(method, []).append((label, sets.split(",")))
+    fp = float_ppl(out, hf, common, args.reuse)
     rows = []
     for method in args.methods:
         for bit in args.bits:
             own = variants.get(method, [])
             for variant in own if args.only_variants and own else [("", []), *own]:
-                rows.append(run_llmc(method, bit, out, common, args.samples, first=not rows, reuse=args.reuse, variant=variant))
+                rows.append(run_llmc(method, bit, out, common, args.samples, reuse=args.reuse, variant=variant))
                 progress(rows, out)
             rows.append(run_peer(python, method, bit, out, hf, ids, common))
             progress(rows, out)
             print(f"done {method} w{bit} after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    print(f"SmolLM2-135M fp32 (HF folder from the GGUF) on {cpu_name()}; W{{{','.join(map(str, args.bits))}}}A16 asym g{GROUP}; {args.samples}x{SEQ_LEN} C4 ids shared; WikiText-2 test, first {args.windows} windows; fp32 PPL {rows[0]['fp']:.3f}")
+    print(f"SmolLM2-135M fp32 (HF folder from the GGUF) on {cpu_name()}; W{{{','.join(map(str, args.bits))}}}A16 asym g{GROUP}; {args.samples}x{SEQ_LEN} C4 ids shared; WikiText-2 test, first {args.windows} windows; fp32 PPL {fp:.3f}")
     head = f"| {'tool':<20} | {'method':<6} | bits | samples | {'method s':>9} | {'peak RSS MB':>11} | {'dtype':<8} | {'PPL':>7} | {'÷ peer time':>11} | {'÷ peer PPL':>10} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")

@@ -37,7 +37,7 @@ def test_auto_picks_bf16_only_where_the_cpu_has_it(cpuinfo, expected, monkeypatc
     precision.fast_bf16.cache_clear()
     precision._log_once.cache_clear()
     try:
-        with caplog.at_level(logging.INFO, logger="llmc.awq"):
+        with caplog.at_level(logging.INFO, logger="llmc.precision"):
             assert precision.auto_search_dtype(torch.float32, "cpu") == expected
             assert precision.auto_search_dtype(torch.float32, "cpu") == expected
         assert caplog.text.count("search_dtype auto:") == 1  # logged once per run

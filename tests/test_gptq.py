@@ -159,7 +159,7 @@ def test_block_output_error_below_rtn_and_float_block_kept(true_sequential):
     with torch.no_grad():
         ref = ctx.forward()
     before = {n: p.clone() for n, p in ctx.block.state_dict().items()}
-    method = Gptq(GptqConfig(true_sequential=true_sequential), spec)
+    method = Gptq(GptqConfig(true_sequential=true_sequential, forward_dtype="float32"), spec)
     method.transform_block(ctx)
     assert all(torch.equal(before[n], p) for n, p in ctx.block.state_dict().items())  # float block unchanged
     if not true_sequential:  # the one full forward's outputs are the float block's
@@ -180,7 +180,7 @@ def test_true_sequential_sees_the_quantized_earlier_layers():
     results = {}
     for seq in (True, False):
         ctx = block_ctx()
-        m = Gptq(GptqConfig(true_sequential=seq), spec)
+        m = Gptq(GptqConfig(true_sequential=seq, forward_dtype="float32"), spec)
         m.transform_block(ctx)
         results[seq] = m.solved
     q, o = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"
@@ -218,7 +218,9 @@ def family_ctx(model_type, attn, quant_out):
 
 def solve_block(ctx, monkeypatch=None, probe=None, **options):
     """GPTQ on ``ctx``'s block, as the run does with quant_out; returns the solved codes, the
-    outputs GPTQ handed over and how often each linear layer ran."""
+    outputs GPTQ handed over and how often each linear layer ran. The block runs as it is
+    (``forward_dtype: float32``) unless ``options`` say otherwise."""
+    options.setdefault("forward_dtype", "float32")
     from llmc_plugins.methods.gptq import passes
 
     if probe is not None:
@@ -253,7 +255,7 @@ def test_known_submodule_outputs_change_nothing_and_save_the_forwards(model_type
     once = [n for n in calls if attn == "sdpa" or n.startswith("mlp.")]  # eager attention is recomputed
     assert {calls[n] for n in once} == {1 + len(ctx.inputs)}, calls
     ref = family_ctx(model_type, attn, quant_out=True)
-    ref_codes, ref_outputs, ref_calls = solve_block(ref, monkeypatch, probe=lambda c, lin: (list(lin), {}))
+    ref_codes, ref_outputs, ref_calls = solve_block(ref, monkeypatch, probe=lambda c, lin, compute=None: (list(lin), {}))
     assert codes.keys() == ref_codes.keys() and all(torch.equal(codes[n], ref_codes[n]) for n in codes)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(outputs, ref_outputs))
     assert max(ref_calls.values()) > 1 + len(ctx.inputs)  # the reference recomputed them
@@ -280,6 +282,48 @@ def test_sliced_calls_keep_and_let_go_of_known_outputs_per_slice(monkeypatch):
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(outputs, ctx.forward()))
     assert calls["mlp.down_proj"] == calls["self_attn.o_proj"] == 1 + 2 * len(ctx.inputs)  # the probe, then once per slice
+
+
+def test_bfloat16_forwards_run_under_autocast_and_hand_over_the_same_outputs(monkeypatch):
+    """``forward_dtype: bfloat16`` on a float32 block: the layers after a matmul (o_proj,
+    down_proj) see bfloat16 inputs, their kept inputs are bfloat16 (half the memory), the
+    handed-over outputs are the quantized block's under the same autocast and stay float32, and
+    the known-output shortcut changes nothing against recomputing every submodule."""
+    from llmc_plugins.methods.gptq import passes
+
+    ctx = family_ctx("llama", "sdpa", quant_out=True)
+    seen, kept = {}, []
+    linears = ctx.adapter.quant_linears(ctx.block)
+    handles = [m.register_forward_pre_hook(lambda mod, a, _n=n: seen.__setitem__(_n, a[0].dtype)) for n, m in linears.items()]
+    real_mark = passes.BlockPasses.mark_solved
+    monkeypatch.setattr(passes.BlockPasses, "mark_solved", lambda self, layers: (kept.extend((layers[0], x.dtype) for x in self._inputs.get(layers[0], [])), real_mark(self, layers))[1])
+    codes, outputs, _ = solve_block(ctx, forward_dtype="bfloat16")
+    for h in handles:
+        h.remove()
+    assert seen["self_attn.o_proj"] == seen["mlp.down_proj"] == torch.bfloat16 and seen["self_attn.q_proj"] == torch.float32
+    assert kept and all(dtype == torch.bfloat16 for _, dtype in kept)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ctx.forward()
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(outputs, expected))
+    ref = family_ctx("llama", "sdpa", quant_out=True)
+    ref_codes, ref_outputs, _ = solve_block(ref, monkeypatch, probe=lambda c, lin, compute=None: (list(lin), {}), forward_dtype="bfloat16")
+    assert all(torch.equal(codes[n], ref_codes[n]) for n in codes)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, ref_outputs))
+
+
+@pytest.mark.parametrize("cpu,expected", [("avx2", None), ("amx", torch.bfloat16)])
+def test_forward_dtype_auto_lowers_float32_only_where_bf16_is_fast(cpu, expected, monkeypatch, caplog):
+    from llmc_plugins.methods.awq import precision
+
+    monkeypatch.setattr(precision, "fast_bf16", lambda *a: (cpu == "amx", cpu))
+    precision._log_once.cache_clear()
+    method = Gptq(GptqConfig(), SPECS[0])
+    with caplog.at_level(logging.INFO, logger="llmc.precision"):
+        assert method._forward_dtype(torch.zeros(2, 2)) is expected
+    assert f"forward_dtype auto: {'bfloat16' if expected else 'float32'} on cpu ({cpu})" in caplog.text
+    assert method._forward_dtype(torch.zeros(2, 2, dtype=torch.bfloat16)) is None  # a bf16 model runs as it is
+    assert Gptq(GptqConfig(forward_dtype="float32"), SPECS[0])._forward_dtype(torch.zeros(2, 2)) is None
+    precision._log_once.cache_clear()
 
 
 def test_fused_moe_experts_are_refused_before_any_work():

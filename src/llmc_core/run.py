@@ -20,7 +20,7 @@ from llmc_core.checkpoint import Checkpoint, NoCheckpoint
 from llmc_core.config import POSITIONS, RunConfig
 from llmc_core.errors import LlmcError
 from llmc_core.layer_error import LayerErrors
-from llmc_core.memory import peak_rss_mb, reset_peak_rss
+from llmc_core.memory import peak_rss_mb, release_heap, reset_peak_rss
 from llmc_core.plugins import PluginManager, get_manager
 from llmc_core.progress import progress
 from llmc_core.results import EvalRecord, render_table, write_json
@@ -62,6 +62,7 @@ class Run:
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        release_heap()  # what earlier stages freed (an evaluation's logits) is not counted as this stage's
         own = reset_peak_rss()
         start = time.perf_counter()
         log.info("%s ...", name)

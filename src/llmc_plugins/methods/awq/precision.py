@@ -1,4 +1,4 @@
-"""What ``search_dtype: auto`` picks: a lower precision only where the device runs it fast.
+"""What ``search_dtype: auto`` (AWQ) and ``forward_dtype: auto`` (GPTQ) pick: a lower precision only where the device runs it fast.
 
 A bfloat16 matmul is the fast path on CUDA GPUs with bf16 support and on CPUs with AVX512-BF16 or
 AMX; on a CPU without them (AVX2 only) PyTorch emulates it, about 44x slower than float32 on the
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("llmc.awq")
+log = logging.getLogger("llmc.precision")
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -62,9 +62,10 @@ def fast_bf16(device_type: str, device_index: int | None = None) -> tuple[bool, 
     return bf16 < fp32, f"timed a 256x256 matmul: bf16 {bf16 * 1e3:.1f} ms, fp32 {fp32 * 1e3:.1f} ms"
 
 
-def auto_search_dtype(model_dtype: Any, device: Any) -> Any:
-    """``search_dtype: auto``: the model's dtype for fp16/bf16 models; for float32 models bfloat16
-    where the device runs it fast, float32 otherwise. Logs the choice once per device."""
+def auto_search_dtype(model_dtype: Any, device: Any, key: str = "search_dtype") -> Any:
+    """``search_dtype: auto`` (or GPTQ's ``forward_dtype``, named by ``key``): the model's dtype for
+    fp16/bf16 models; for float32 models bfloat16 where the device runs it fast, float32
+    otherwise. Logs the choice once per device and key."""
     import torch
 
     if model_dtype != torch.float32:
@@ -72,10 +73,10 @@ def auto_search_dtype(model_dtype: Any, device: Any) -> Any:
     device = torch.device(device)
     ok, why = fast_bf16(device.type, device.index)
     chosen = torch.bfloat16 if ok else torch.float32
-    _log_once(device.type, str(chosen).replace("torch.", ""), why)
+    _log_once(key, device.type, str(chosen).replace("torch.", ""), why)
     return chosen
 
 
 @functools.lru_cache(maxsize=None)
-def _log_once(device_type: str, chosen: str, why: str) -> None:
-    log.info("search_dtype auto: %s on %s (%s)", chosen, device_type, why)
+def _log_once(key: str, device_type: str, chosen: str, why: str) -> None:
+    log.info("%s auto: %s on %s (%s)", key, chosen, device_type, why)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -31,6 +31,7 @@ class GptqConfig(StrictModel):
     blocksize: int = Field(default=128, gt=0)
     true_sequential: bool = True
     weighted_mse: bool = True
+    forward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     awq: AwqConfig | None = None
 
     @model_validator(mode="after")
@@ -80,9 +81,10 @@ class Gptq(Method):
     layer's float32 weight copies (0.94 GB each) and the cached activations. Those are, besides the
     block's inputs (``tokens × hidden``), the inputs its passes keep (o_proj's, ``tokens × hidden``;
     down_proj's, ``tokens × intermediate``, until down_proj is solved) and the known outputs of
-    ``self_attn`` and ``mlp`` (``tokens × hidden`` each), in the model's dtype: at 128 × 512
-    tokens, 151 + 403 + 2 × 151 MB for SmolLM2 in float32; 0.5 + 1.4 + 2 × 0.5 GB for Llama-2-7B
-    and 1 + 3.8 + 2 × 1 GB for a 70B model in fp16.
+    ``self_attn`` and ``mlp`` (``tokens × hidden`` each), in the model's dtype, or in ``forward_dtype`` when that is
+    lower (all four are matmul outputs): at 128 × 512 tokens, 151 + 403 + 2 × 151 MB for SmolLM2
+    in float32, half that with bfloat16 forwards; 0.5 + 1.4 + 2 × 0.5 GB for Llama-2-7B and
+    1 + 3.8 + 2 × 1 GB for a 70B model in fp16.
 
     What it does not do: OWQ's float outlier columns, activation quantization, layers outside
     the decoder blocks (embeddings, ``lm_head``), or fused MoE experts (Mixtral, Qwen-MoE: refused
@@ -138,6 +140,14 @@ class Gptq(Method):
       act-order with static groups, output error on held-out tokens) it cuts block 28's
       ``down_proj`` error 3x against the unweighted search and keeps block 11's massive-activation
       ``down_proj`` at the minmax error, where the unweighted search quadruples it.
+    - ``forward_dtype`` (auto): precision of the block forwards that produce the layers' inputs
+      (hence the Hessians) and, with ``quant_out``, the next block's inputs. A lower precision
+      than the model's runs under autocast: matmuls and attention in it, the residual stream and
+      norms in the model's dtype, as mixed-precision inference runs. ``auto``: bfloat16 for a
+      float32 model where the device runs it fast (CUDA with bf16, a CPU with AVX512-BF16 or
+      AMX; the choice is logged, as AWQ's ``search_dtype: auto``), the model's dtype otherwise;
+      ``float32`` (or the model's dtype): the block as it is. The solver and the Hessian sums
+      stay float32 either way.
     - ``awq`` (none): AWQ's options (the ``Awq`` method's ``quant.special``, e.g. ``{trans: true,
       weight_clip: true, clip_version: v1}``): run AWQ's scale search and folding (and clipping,
       folded into the float weights) on each block first, then GPTQ's rounding on the scaled block.
@@ -203,7 +213,7 @@ class Gptq(Method):
         linears = ctx.adapter.quant_linears(ctx.block)
         steps = self._steps(ctx, linears)
         originals = {n: m.weight.data for n, m in linears.items()}
-        passes = BlockPasses(ctx, linears)
+        passes = BlockPasses(ctx, linears, self._forward_dtype(next(iter(linears.values())).weight))
         try:
             for k, step in enumerate(steps):
                 # The first pass sees the float block: run to the end when its outputs are wanted
@@ -223,6 +233,16 @@ class Gptq(Method):
         finally:
             for n, m in linears.items():  # the float block leaves transform_block as it came in
                 m.weight.data = originals[n]
+
+    def _forward_dtype(self, weight: Any) -> Any:
+        """The autocast dtype of the block's forwards, or None (the block's own dtype)."""
+        import torch
+
+        from llmc_plugins.methods.awq.precision import auto_search_dtype
+
+        name = self.options.forward_dtype
+        dtype = auto_search_dtype(weight.dtype, weight.device, key="forward_dtype") if name == "auto" else getattr(torch, name)
+        return dtype if torch.finfo(dtype).bits < torch.finfo(weight.dtype).bits else None
 
     def _solve(self, ctx: Any, name: str, layer: Any, original: Any, h: Any) -> None:
         """Quantize one layer against ``h``; later input sets see it quantized."""

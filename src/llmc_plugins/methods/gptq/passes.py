@@ -20,7 +20,9 @@ layer that ran before it was already in its final state when it was captured, an
 replaced only when every layer inside it is solved; anything else (fused MoE experts, eager
 attention that also returns its weights) is computed in full, as before.
 
-Memory: the cached inputs and outputs live where the block's inputs do, in the model's dtype: at
+Memory: the cached inputs and outputs live where the block's inputs do, in the dtype the forward
+made them (under a lower ``forward_dtype``, the inputs of layers that read a matmul's output,
+o_proj's and down_proj's, and every known output are in that dtype: half of float32's): at
 most one layer input (``tokens × in``, down_proj's the widest) and one output per replaced
 submodule (``tokens × hidden`` each) besides the block's inputs. A kept input turns into its
 layer's output one part at a time and its pages go back to the system before the next pass
@@ -50,10 +52,11 @@ class BlockPasses:
     """The forwards of one block's solving steps: Hessian hooks, early stops and the submodule
     outputs already known (see the module docstring)."""
 
-    def __init__(self, ctx: BlockContext, linears: dict[str, torch.nn.Module]):
+    def __init__(self, ctx: BlockContext, linears: dict[str, torch.nn.Module], dtype: torch.dtype | None = None):
         self.ctx = ctx
         self.linears = linears
-        self.order, self.parents = _probe(ctx, linears)  # run order; layer -> (submodule, output shape)
+        self.dtype = dtype  # autocast's (GPTQ's forward_dtype) where lower than the block's; None: as it is
+        self.order, self.parents = _probe(ctx, linears, self.compute)  # run order; layer -> (submodule, output shape)
         self.solved: set[str] = set()
         self._inputs: dict[str, list[torch.Tensor]] = {}  # layer -> its input, one tensor per call
         self._outputs: dict[str, list[Any]] = {}  # submodule name -> its output, one per call
@@ -83,7 +86,7 @@ class BlockPasses:
         handles = [self.linears[n].register_forward_pre_hook(make(n)) for n in firsts]
         outputs = []
         try:
-            with torch.no_grad(), self._replaced(last=not keep) as slot:
+            with torch.no_grad(), self.compute(), self._replaced(last=not keep) as slot:
 
                 def calls(h: torch.Tensor, kw: dict[str, Any]) -> Iterator[torch.Tensor]:
                     for args, part_kw in split_call((h,), kw):
@@ -117,7 +120,7 @@ class BlockPasses:
             return
         known = [n for n in layers if n in self.parents]
         outs: dict[str, list[torch.Tensor]] = {n: [] for n in known}
-        with torch.no_grad():
+        with torch.no_grad(), self.compute():
             for i in range(len(x)):  # each input part is dropped once its outputs exist: one part's overlap, not the whole input's
                 for name in known:
                     outs[name].append(self.linears[name](x[i]))
@@ -127,6 +130,13 @@ class BlockPasses:
             parent, shape = self.parents[name]
             self._outputs[parent] = outs[name] if shape is None else [shape[0]((o, *[None] * (shape[1] - 1))) for o in outs[name]]
         release_heap()  # the input's pages (down_proj's: tokens x 1536), before the next pass allocates its own
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """The precision of the block's forwards: autocast to ``dtype`` (matmuls, attention) with
+        the residual stream and norms in the block's own dtype, or the block as it is."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.dtype)
 
     def _worth_keeping(self, layers: list[str]) -> bool:
         """Keep a set's input only if it can stand in for a submodule later: the submodule returns
@@ -168,7 +178,7 @@ def _known_output(outs: list[Any], slot: list[int], last: bool, *args: Any, **kw
     return out
 
 
-def _probe(ctx: BlockContext, linears: dict[str, Any]) -> tuple[list[str], dict[str, tuple[str, Any]]]:
+def _probe(ctx: BlockContext, linears: dict[str, Any], compute: Any = contextlib.nullcontext) -> tuple[list[str], dict[str, tuple[str, Any]]]:
     """One forward of the block on its first calibration sample, watched: the order in which the
     linear layers run, and for each layer the outermost submodule (short of the block) whose
     output is that layer's output tensor itself, with that output's shape (a tuple's other items
@@ -206,7 +216,7 @@ def _probe(ctx: BlockContext, linears: dict[str, Any]) -> tuple[list[str], dict[
     handles += [ctx.block.get_submodule(a).register_forward_hook(parent_hook(a)) for a in ancestors]
     try:
         h, kw, _ = sub_batches(ctx.inputs, ctx.kwargs, 1)
-        with torch.no_grad():
+        with torch.no_grad(), compute():
             ctx.block(h[0], **kw[0])
     finally:
         for handle in handles:
