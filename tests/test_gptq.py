@@ -200,6 +200,20 @@ def test_hessian_upper_triangle_is_the_full_product(d):
     assert torch.allclose(value, 2 * x.T @ x / 256, rtol=1e-4, atol=1e-3)
 
 
+def test_hessian_of_a_bfloat16_input_widens_it_in_parts_and_misses_no_row(monkeypatch):
+    """A bfloat16 input (forward_dtype) is summed in float32 a few rows at a time: the same H as
+    the whole input widened at once, the last short part included."""
+    from llmc_plugins.methods.gptq import solver
+
+    monkeypatch.setattr(solver, "CONVERT_TOKENS", 64)
+    x = correlated_inputs(n=200, d=40, seed=1).bfloat16()
+    h = Hessian.zeros(40, "cpu")
+    h.add(x.reshape(2, 100, 40))
+    whole = x.float()
+    assert h.tokens == 200
+    assert torch.allclose(h.value(), 2 * whole.T @ whole / 200, rtol=1e-5, atol=1e-5)
+
+
 FAMILY_ATTN = [("llama", "sdpa"), ("llama", "eager"), ("qwen3", "sdpa"), ("phi3", "sdpa"), ("gemma2", "eager"), ("gemma3_text", "sdpa")]
 
 

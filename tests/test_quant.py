@@ -173,3 +173,25 @@ def test_calib_algo_learnable_and_unknown_values_are_refused():
         QuantSpec(bit=4, group_size=64, calib_algo="learnable")
     with pytest.raises(ValueError, match="minmax"):
         QuantSpec(bit=4, group_size=64, calib_algo="kl")
+
+
+@pytest.mark.parametrize("bit,symmetric", [(2, True), (3, False), (4, False), (4, True), (5, False), (8, True)])
+def test_codes_are_held_two_to_a_byte_when_they_fit_and_read_back_exactly(bit, symmetric):
+    """Codes wait in memory for the whole run: those of 4 bits or fewer are held packed (half the
+    bytes), and every read gives back the very codes, of every value and in their columns."""
+    from llmc_core.quant.fake import QuantizedWeight, _Nibbles
+
+    spec = QuantSpec(bit=bit, symmetric=symmetric, granularity="per_group", group_size=16)
+    dtype = torch.int8 if symmetric else torch.uint8
+    gen = torch.Generator().manual_seed(bit)
+    codes = torch.randint(spec.qmin, spec.qmax + 1, (24, 64), generator=gen).to(dtype)
+    codes[0, :2] = torch.tensor([spec.qmin, spec.qmax], dtype=dtype)  # both ends of the range
+    qw = QuantizedWeight(codes.clone(), torch.ones(24, 4), torch.zeros(24, 4), spec)
+    held = qw.__dict__["_codes"]
+    assert isinstance(held, _Nibbles) == (bit <= 4)
+    assert (held.data if bit <= 4 else held).numel() == codes.numel() // (2 if bit <= 4 else 1)
+    assert qw.codes.dtype == dtype and torch.equal(qw.codes, codes)
+    qw.codes = codes.flip(1)  # assigning packs again
+    assert torch.equal(qw.codes, codes.flip(1))
+    odd = QuantizedWeight(codes[:, :63].clone(), torch.ones(24, 4), torch.zeros(24, 4), spec)
+    assert torch.equal(odd.codes, codes[:, :63])  # an odd width is held as it is

@@ -128,15 +128,61 @@ class QuantizedWeight:
     g_idx: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out_f, in_f = self.codes.shape
+        codes = self.codes
+        out_f, in_f = codes.shape
         if self.g_idx is not None:
-            idx = self.g_idx.to(self.codes.device)
-            w = (self.codes.float() - self.zeros.float()[:, idx]) * self.scales.float()[:, idx]
+            idx = self.g_idx.to(codes.device)
+            w = (codes.float() - self.zeros.float()[:, idx]) * self.scales.float()[:, idx]
             return w.to(dtype)
-        wg = group_view(self.codes.float(), self.spec)
+        wg = group_view(codes.float(), self.spec)
         rows = wg.shape[-2]
         w = (wg - self.zeros.reshape(rows, 1).float()) * self.scales.reshape(rows, 1).float()
         return w.reshape(out_f, in_f).to(dtype)
+
+
+@dataclass(frozen=True)
+class _Nibbles:
+    """Codes of 4 bits or fewer held two to a byte: ``[rows, cols / 2]`` uint8, the even column in
+    the low nibble; ``offset`` (8 for int8 codes in -8..7) is added before packing."""
+
+    data: torch.Tensor
+    dtype: torch.dtype
+    offset: int
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor) -> _Nibbles | torch.Tensor:
+        """``codes`` packed, or ``codes`` itself when they do not fit 4 bits (or are not ``[rows,
+        even cols]`` uint8/int8)."""
+        if codes.ndim != 2 or codes.shape[1] % 2 or codes.dtype not in (torch.uint8, torch.int8) or not codes.numel():
+            return codes
+        offset = 8 if codes.dtype == torch.int8 else 0
+        lo, hi = torch.aminmax(codes)
+        if int(lo) + offset < 0 or int(hi) + offset > 15:
+            return codes
+        v = (codes.to(torch.int16) + offset).to(torch.uint8) if offset else codes
+        return cls((v[:, 0::2] | (v[:, 1::2] << 4)).contiguous(), codes.dtype, offset)
+
+    def unpack(self) -> torch.Tensor:
+        rows, half = self.data.shape
+        out = torch.empty(rows, half * 2, dtype=torch.uint8, device=self.data.device)
+        out[:, 0::2] = self.data & 0xF
+        out[:, 1::2] = self.data >> 4
+        return (out.to(torch.int16) - self.offset).to(self.dtype) if self.offset else out
+
+
+def _get_codes(self: QuantizedWeight) -> torch.Tensor:
+    held = self.__dict__["_codes"]
+    return held.unpack() if isinstance(held, _Nibbles) else held
+
+
+def _set_codes(self: QuantizedWeight, codes: torch.Tensor) -> None:
+    self.__dict__["_codes"] = _Nibbles.pack(codes)
+
+
+# Every quantized layer's codes wait in memory until the model is saved (one byte per weight
+# otherwise: 70 GB for a 70B model): 4-bit and narrower codes are held two to a byte, and
+# ``codes`` gives a fresh unpacked tensor on each read (changing it in place changes nothing).
+QuantizedWeight.codes = property(_get_codes, _set_codes, doc="``[out, in]`` integer codes (uint8 asymmetric, int8 symmetric).")  # type: ignore[assignment]
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:

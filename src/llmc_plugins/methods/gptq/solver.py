@@ -37,6 +37,7 @@ DAMP_RETRIES = 6
 # (inputs narrower than two strips take one product). 62% of a full product's work at 576 inputs,
 # 56% at 1536; strips of 128+ rows keep the matmuls efficient.
 STRIP = 128
+CONVERT_TOKENS = 2048
 
 
 @dataclass
@@ -52,11 +53,16 @@ class Hessian:
         return cls(torch.zeros(in_features, in_features, dtype=torch.float32, device=device))
 
     def add(self, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        x2 = x.detach().reshape(-1, x.shape[-1])
         d = x2.shape[1]
         step = max(STRIP, -(-d // 8))  # at most 8 strips: the saving flattens, the calls do not
-        for i in range(0, d, step):
-            self.xtx[i : i + step, i:].addmm_(x2[:, i : i + step].T, x2[:, i:])
+        # A float32 input is used as it is; another dtype (bfloat16 forwards) is widened
+        # CONVERT_TOKENS rows at a time, not as one float32 copy of the whole call's input.
+        rows = x2.shape[0] if x2.dtype == torch.float32 else CONVERT_TOKENS
+        for t in range(0, x2.shape[0], rows):
+            part = x2[t : t + rows].float()
+            for i in range(0, d, step):
+                self.xtx[i : i + step, i:].addmm_(part[:, i : i + step].T, part[:, i:])
         self.tokens += x2.shape[0]
 
     def value(self) -> torch.Tensor:
