@@ -16,7 +16,8 @@ Every row is one ``llmc run`` of ``configs/quickstart/gptq_w4g64_smollm2.yml`` o
   samples.
 
 ``gap`` is the share of the RTN-to-fp32 perplexity gap a row closes on that corpus (RTN at the same
-bit width, from the same invocation).
+bit width, from the same invocation, with min-max ranges: the usual RTN baseline, whatever range
+rule the GPTQ config uses).
 
     LLMC_DATA=../shared/data python benchmarks/heldout.py --bits 4 3 --out /tmp/heldout
     python benchmarks/heldout.py --bits 4 --variant noact:quant.special.actorder=false,quant.special.static_groups=false
@@ -102,7 +103,7 @@ def main() -> None:
     for bit in args.bits:
         extra_rows = [(label, sets.split(",")) for label, sets in (v.split(":", 1) for v in args.variant)]
         gptq = [] if args.only_variants and extra_rows else [("gptq", [])]
-        runs = [("rtn", ["quant.method=RTN", "calib=null", "quant.special={}"]), *(extra_rows + gptq if args.variants_first else gptq + extra_rows)]
+        runs = [("rtn", ["quant.method=RTN", "calib=null", "quant.special={}", "quant.weight.calib_algo=minmax"]), *(extra_rows + gptq if args.variants_first else gptq + extra_rows)]
         for label, extra in runs:
             first = fp is None
             mine = out / f"{label}_w{bit}"

@@ -69,8 +69,8 @@ class Gptq(Method):
     weights computed during calibration. ``quant.quant_out: true`` (as in ModelTC's and the
     reference's GPTQ) quantizes each block right after it is solved, so the next block calibrates on
     the quantized block's outputs; with ``quant_out: false`` every block calibrates on the float
-    model, and the integer codes of every layer (one byte per weight, on CPU) wait for the quantize
-    stage.
+    model, and the integer codes of every layer (on CPU; half a byte per weight at 4 bits or
+    fewer, one byte above) wait for the quantize stage.
 
     Memory: one block's Hessians at a time, float32 ``in × in`` per shared input (one at a time with
     ``true_sequential``); while one layer is solved, up to four such matrices are alive (``H``, the
