@@ -273,14 +273,20 @@ def cpu_name() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def eval_only_ppl(model: Path, save_path: Path, common: list[str]) -> float:
+    """PPL of the model folder ``model``, in an ``llmc run`` that only evaluates it (``pretrain``)."""
+    llmc([str(CONFIGS["gptq"]), *common, f"model.path={model}", f"save.save_path={save_path}", "save.overwrite=true", "eval.eval_pos=[pretrain]", "quant=null", "calib=null", "save.save_fake=false"])
+    return ppl_of(save_path, "pretrain")
+
+
 def float_ppl(out: Path, hf: Path, common: list[str], reuse: bool) -> float:
     """The float model's PPL, in an evaluation-only run of its own: a method's run never follows an
     evaluation in the same process, as the peer's never does (a forward pages in every weight of
     the lazily loaded model, which would count in that run's peak memory)."""
     fp = out / "llmc_fp32"
-    if not (reuse and (fp / "results.json").is_file()):
-        llmc([str(CONFIGS["gptq"]), *common, f"model.path={hf}", f"save.save_path={fp}", "save.overwrite=true", "eval.eval_pos=[pretrain]", "quant=null", "calib=null", "save.save_fake=false"])
-    return ppl_of(fp, "pretrain")
+    if reuse and (fp / "results.json").is_file():
+        return ppl_of(fp, "pretrain")
+    return eval_only_ppl(hf, fp, common)
 
 
 def run_llmc(method: str, bit: int, out: Path, common: list[str], n_samples: int, reuse: bool, variant: tuple[str, list[str]] = ("", [])) -> dict:
@@ -311,9 +317,8 @@ def run_peer(python: Path, method: str, bit: int, out: Path, hf: Path, ids: Path
         raise SystemExit(f"llm-compressor {method} w{bit} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     (out / f"peer_{method}_w{bit}.json").write_text(proc.stdout)
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    eval_args = [*common, f"model.path={peer / 'model'}", f"save.save_path={peer / 'eval'}", "save.overwrite=true", "eval.eval_pos=[pretrain]", "quant=null", "calib=null", "save.save_fake=false"]
-    llmc([str(CONFIGS["gptq"]), *eval_args])
-    return {"tool": f"llm-compressor {info['version']}", "method": method, "bit": bit, "seconds": info["seconds"], "peak_mb": info["peak_rss_mb"], "dtype": "float32", "ppl": ppl_of(peer / "eval", "pretrain")}
+    ppl = eval_only_ppl(peer / "model", peer / "eval", common)
+    return {"tool": f"llm-compressor {info['version']}", "method": method, "bit": bit, "seconds": info["seconds"], "peak_mb": info["peak_rss_mb"], "dtype": "float32", "ppl": ppl}
 
 
 def progress(rows: list[dict], out: Path) -> None:

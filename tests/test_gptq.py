@@ -210,6 +210,8 @@ def test_hessian_of_a_bfloat16_input_widens_it_in_parts_and_misses_no_row(monkey
     h = Hessian.zeros(40, "cpu")
     h.add(x.reshape(2, 100, 40))
     whole = x.float()
+    h.add(torch.zeros(0, 40))  # a call that carried no tokens adds nothing, in either dtype
+    h.add(torch.zeros(0, 40, dtype=torch.bfloat16))
     assert h.tokens == 200
     assert torch.allclose(h.value(), 2 * whole.T @ whole / 200, rtol=1e-5, atol=1e-5)
 

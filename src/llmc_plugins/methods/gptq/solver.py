@@ -58,9 +58,8 @@ class Hessian:
         step = max(STRIP, -(-d // 8))  # at most 8 strips: the saving flattens, the calls do not
         # A float32 input is used as it is; another dtype (bfloat16 forwards) is widened
         # CONVERT_TOKENS rows at a time, not as one float32 copy of the whole call's input.
-        rows = x2.shape[0] if x2.dtype == torch.float32 else CONVERT_TOKENS
-        for t in range(0, x2.shape[0], rows):
-            part = x2[t : t + rows].float()
+        for part in (x2,) if x2.dtype == torch.float32 else x2.split(CONVERT_TOKENS):
+            part = part.float()
             for i in range(0, d, step):
                 self.xtx[i : i + step, i:].addmm_(part[:, i : i + step].T, part[:, i:])
         self.tokens += x2.shape[0]
