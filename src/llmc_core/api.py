@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from llmc_core.adapters import ModelAdapter
     from llmc_core.blockwise import BlockContext
     from llmc_core.quant import QuantSpec
+    from llmc_core.quant.scheme import Scheme
     from llmc_core.results import EvalRecord
     from llmc_core.state import RunState
 
@@ -120,11 +121,25 @@ class Method(Plugin):
     """
 
     needs_calibration: ClassVar[bool] = True
+    scheme: Scheme | None = None  # the run's whole scheme, set by the runner after __init__ (``weight`` is ``scheme.weight``)
 
     def __init__(self, options: BaseModel, weight: QuantSpec):
         self.options = options
         self.weight = weight
         self.log: list[dict[str, Any]] = []
+
+    @classmethod
+    def accepts(cls, scheme: Scheme) -> list[str]:
+        """Why this method cannot produce ``scheme`` (empty list: it can). Called at validation.
+
+        The default is what every method did before schemes existed: integer weights, no
+        activation or KV cache quantization. A method whose ``quantize_block`` rounds through
+        :mod:`llmc_core.quant` (which knows every scheme) overrides it to accept more; activation
+        and KV quantizers are the runner's, not the method's.
+        """
+        if scheme.integer_weight_only:
+            return []
+        return [f"this method quantizes integer weights only, not {scheme.describe()}; use RTN or GPTQ for float or activation schemes."]
 
     @classmethod
     def check(cls, run_config: Any) -> None:
@@ -225,8 +240,23 @@ class Saver(Plugin):
     folder: ClassVar[str] = ""
     position: ClassVar[str] = "fake_quant"  # "transformed" or "fake_quant"
 
+    @classmethod
+    def accepts(cls, scheme: Scheme) -> list[str]:
+        """Why this saver's format cannot store ``scheme`` (empty list: it can). Called at
+        validation (and by ``llmc export``) for savers of the ``fake_quant`` position, before
+        :meth:`check`. The default accepts what every saver handled before schemes: integer
+        weights, no activation or KV cache quantization; a format that stores more overrides it."""
+        if scheme.integer_weight_only:
+            return []
+        return [f"this format stores integer weights only, not {scheme.describe()}. Save with save_fake or save_vllm instead."]
+
     def check(self, run_config: Any) -> None:
         """Raise :class:`~llmc_core.errors.LlmcError` if the run's settings cannot be saved."""
+
+    def check_model(self, adapter: ModelAdapter) -> None:
+        """Raise :class:`~llmc_core.errors.LlmcError` if the format cannot hold this model (e.g.
+        fused MoE experts in a packed int4 layout). Called once the model has loaded, before any
+        evaluation or calibration."""
 
     def save(self, state: RunState, folder: str) -> None:
         """Write the model of ``state`` (``state.model``, ``state.tokenizer``, ``state.quantized``) into ``folder``."""

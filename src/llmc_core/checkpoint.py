@@ -140,7 +140,7 @@ class Checkpoint:
         prefix = ctx.prefix
         inputs, rows = state.layer_errors.block_state(prefix)
         quantized = {
-            name[len(prefix) + 1 :]: {"codes": q.codes.cpu(), "scales": q.scales.cpu(), "zeros": q.zeros.cpu(), "spec": q.spec.model_dump(), **({} if q.g_idx is None else {"g_idx": q.g_idx.cpu()})}
+            name[len(prefix) + 1 :]: {"codes": q.codes.cpu(), "scales": q.scales.cpu(), "zeros": q.zeros.cpu(), "spec": q.spec.model_dump(), **({} if q.g_idx is None else {"g_idx": q.g_idx.cpu()}), **({} if q.global_scale is None else {"global_scale": q.global_scale.cpu()})}
             for name, q in state.quantized.items()
             if name.startswith(f"{prefix}.")
         }
@@ -148,6 +148,7 @@ class Checkpoint:
         kept = {
             "state_dict": {k: v.detach().cpu() for k, v in ctx.block.state_dict().items()},
             "quantized": quantized,
+            "observed": state.observer.block_state(prefix) if getattr(state, "observer", None) is not None else {},
             "layer_inputs": {k[len(prefix) + 1 :]: v for k, v in inputs.items()},
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -185,7 +186,11 @@ class Checkpoint:
                 blocks[i].load_state_dict(kept_block["state_dict"])
                 prefix = state.adapter.block_prefix(i)
                 for name, q in kept_block["quantized"].items():
-                    state.quantized[f"{prefix}.{name}"] = QuantizedWeight(q["codes"], q["scales"], q["zeros"], QuantSpec(**q["spec"]), q.get("g_idx"))
+                    state.quantized[f"{prefix}.{name}"] = QuantizedWeight(q["codes"], q["scales"], q["zeros"], QuantSpec(**q["spec"]), q.get("g_idx"), q.get("global_scale"))
+                if kept_block.get("observed"):
+                    if getattr(state, "observer", None) is None:
+                        raise LlmcError(f"--resume: {path} holds calibrated activation scales, but this run's scheme has none (was quant changed?). Start over without --resume and with save.overwrite: true.")
+                    state.observer.restore_block(kept_block["observed"])
                 state.layer_errors.restore_block({f"{prefix}.{k}": v for k, v in kept_block["layer_inputs"].items()}, self.manifest.get(f"rows_{i}", []))
         if done:
             path = self._method_file(done - 1)

@@ -20,7 +20,8 @@ from llmc_core.schema import StrictModel
 from llmc_core.errors import LlmcError, did_you_mean
 from llmc_core.paths import looks_like_hub_id
 from llmc_core.plugins import PluginManager, get_manager
-from llmc_core.quant.spec import QuantSpec
+from llmc_core.quant.scheme import Scheme, expand_preset, scheme_problems
+from llmc_core.quant.spec import KvSpec, QuantSpec
 from llmc_core.yamlio import SECTIONS, apply_overrides, expand, read_yaml
 
 __all__ = ["POSITIONS", "QUANTIZED_POSITIONS", "SECTIONS", "RunConfig", "apply_overrides", "load", "read_yaml", "validate"]
@@ -71,10 +72,15 @@ class EvalSection(StrictModel):
 
 
 class QuantSection(StrictModel):
-    """``quant``: the method, the weight spec, and the method's own ``special`` options (raw here)."""
+    """``quant``: the method, the scheme (``weight``, ``act``, ``kvcache`` or the ``scheme``
+    shorthand; raw here, validated into a :class:`~llmc_core.quant.scheme.Scheme`), and the
+    method's own ``special`` options (raw here)."""
 
     method: str
-    weight: dict[str, Any]
+    weight: dict[str, Any] | None = None
+    act: dict[str, Any] | None = None
+    kvcache: dict[str, Any] | None = None
+    scheme: str | None = None
     special: dict[str, Any] = Field(default_factory=dict)
     quant_out: bool = False
 
@@ -92,12 +98,18 @@ class RunConfig:
     evals: list[tuple[type, BaseModel]] = field(default_factory=list)
     quant: QuantSection | None = None
     method: type | None = None
-    weight: QuantSpec | None = None
+    weight: QuantSpec | None = None  # scheme.weight (kept for plugins written before schemes)
     special: BaseModel | None = None
     save: BaseModel | None = None
     savers: list[type] = field(default_factory=list)
     steps: dict[str, tuple[type, BaseModel]] = field(default_factory=dict)  # section -> (api.Step class, options)
     resume: bool = False  # ``llmc run --resume``: the save_path of an interrupted run is expected
+    scheme: Scheme | None = None  # weights, activations, KV cache
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Calibration data and a block pass: the method calibrates, or the scheme has static scales."""
+        return self.method is not None and (self.method.needs_calibration or (self.scheme is not None and self.scheme.needs_calibration))
 
     def positions(self, steps: bool = False) -> set[str]:
         """Where the ``eval`` sections measure (``steps``: also where the steps run, e.g. lm_eval)."""
@@ -108,7 +120,7 @@ class RunConfig:
     def quantizes_in_block_pass(self) -> bool:
         """``quant.quant_out`` in effect: each block is quantized right after the method's block
         pass solves it. Only methods that calibrate have a block pass (RTN has none)."""
-        return self.quant is not None and self.quant.quant_out and self.method is not None and self.method.needs_calibration
+        return self.quant is not None and self.quant.quant_out and self.needs_calibration
 
     @property
     def save_path(self) -> Path | None:
@@ -220,17 +232,18 @@ def validate(data: dict[str, Any], source: str = "<config>", manager: PluginMana
                 _lookup(manager, problems, "dataset", cfg.name, f"{where}.name")
 
     quant = problems.validate(QuantSection, data["quant"], "quant") if data.get("quant") is not None else None
-    method = weight = special = None
+    method = weight = special = scheme = None
     if quant is not None:
         method = _lookup(manager, problems, "method", quant.method, "quant.method")
-        weight = problems.validate(QuantSpec, quant.weight, "quant.weight")
+        scheme = _scheme(quant, problems)
+        weight = scheme.weight if scheme is not None else None
         if method is not None:
             special = problems.validate(method.Config, quant.special, "quant.special")
 
     save = problems.validate(_save_model(manager), data["save"], "save") if data.get("save") is not None else None
     savers = [manager.get("saver", n, "save") for n in manager.names("saver") if save is not None and getattr(save, f"save_{n}")]
 
-    cfg = RunConfig(source, data, base, model_cfg, family, calib, evals, quant, method, weight, special, save, savers, resume=resume)
+    cfg = RunConfig(source, data, base, model_cfg, family, calib, evals, quant, method, weight, special, save, savers, resume=resume, scheme=scheme)
     if resume and save is None:
         problems.add("--resume needs a save section with save_path (where the checkpoint of the interrupted run is).")
     for section, step in step_sections.items():  # top-level sections owned by a step plugin
@@ -245,6 +258,29 @@ def validate(data: dict[str, Any], source: str = "<config>", manager: PluginMana
     return cfg
 
 
+def _scheme(quant: QuantSection, problems: _Problems) -> Scheme | None:
+    """The section's weight / act / kvcache specs (after expanding ``quant.scheme``) as one Scheme."""
+    weight_raw, act_raw = quant.weight, quant.act
+    if quant.scheme is not None:
+        weight_raw, act_raw, lines = expand_preset(quant.scheme, weight_raw, act_raw)
+        if lines:
+            problems.lines.extend(lines)
+            return None
+    elif weight_raw is None:
+        problems.add("quant.weight: required key is missing (or name a scheme, e.g. quant.scheme: W4A16 or FP8_DYNAMIC).")
+        return None
+    n = len(problems.lines)
+    weight = problems.validate(QuantSpec, weight_raw, "quant.weight")
+    act = problems.validate(QuantSpec, act_raw, "quant.act") if act_raw is not None else None
+    kv = problems.validate(KvSpec, quant.kvcache, "quant.kvcache") if quant.kvcache is not None else None
+    if len(problems.lines) > n or weight is None:
+        return None
+    scheme = Scheme(weight, act, kv, quant.scheme.upper() if quant.scheme else None)
+    lines = scheme_problems(scheme)
+    problems.lines.extend(lines)
+    return None if lines else scheme
+
+
 def _lookup(manager: PluginManager, problems: _Problems, kind: str, name: Any, where: str) -> type | None:
     try:
         return manager.get(kind, str(name), where)
@@ -257,18 +293,23 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
     needs_quant = sorted(cfg.positions() & set(QUANTIZED_POSITIONS))
     if needs_quant and cfg.quant is None:
         problems.add(f"eval.eval_pos: {', '.join(needs_quant)} needs a quant section (or remove it from eval_pos).")
-    if "real_quant" in cfg.positions() and cfg.weight is not None:  # real_quant runs AWQ-packed int4 layers
-        from llmc_core.quant.rules import awq_problems
+    if "real_quant" in cfg.positions() and cfg.scheme is not None:
+        from llmc_core.quant.rules import real_quant_problems
 
-        problems.lines.extend(f"eval.eval_pos: real_quant: {p}. Measure fake_quant instead." for p in awq_problems(cfg.weight.bit, cfg.weight.granularity, cfg.weight.group_size))
-    if cfg.method is not None and cfg.method.needs_calibration and cfg.calib is None:
-        problems.add(f"calib: quant.method '{cfg.quant.method}' needs calibration data; add a calib section (e.g. name: pileval, path: ...).")
+        problems.lines.extend(f"eval.eval_pos: real_quant: {p}. Measure fake_quant instead." for p in real_quant_problems(cfg.scheme))
+    if cfg.method is not None and cfg.scheme is not None:
+        problems.lines.extend(f"quant.method: {cfg.quant.method}: {p}" for p in cfg.method.accepts(cfg.scheme))
+    if cfg.needs_calibration and cfg.calib is None:
+        why = f"quant.method '{cfg.quant.method}' needs calibration data" if cfg.method.needs_calibration else "static activation / KV cache scales are calibrated on calibration data"
+        problems.add(f"calib: {why}; add a calib section (e.g. name: pileval, path: ...).")
     if cfg.quantizes_in_block_pass and "transformed" in cfg.positions():
         problems.add("quant.quant_out: true quantizes blocks during calibration, so eval_pos 'transformed' cannot be measured; remove one of them.")
     for saver in cfg.savers:
         if saver.position != "transformed" and cfg.quant is None:
             problems.add(f"save.save_{saver.name}: needs a quant section (there is nothing quantized to save).")
         else:
+            refusals = saver.accepts(cfg.scheme) if cfg.scheme is not None and saver.position != "transformed" else []
+            problems.lines.extend(f"save.save_{saver.name}: {p}" for p in refusals)
             try:
                 saver().check(cfg)
             except LlmcError as exc:

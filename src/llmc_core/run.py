@@ -49,6 +49,10 @@ class Run:
         self.calib_batches: list[Any] = []
         self.results: list[EvalRecord] = []
         self.quantized: dict[str, Any] = {}  # full layer name -> QuantizedWeight
+        self.observer: Any = None  # static activation / KV scales seen in the block pass (llmc_core.quant.act.Observer)
+        self.act_scales: dict[str, Any] = {}  # full layer name -> static input scale
+        self.kv_scales: dict[str, dict[str, Any]] = {}  # attention module name -> {"k": scale, "v": scale}
+        self.quantizers: Any = None  # activation / KV quantizers on the model, from fake_quant on
         self.saved: dict[str, Path] = {}  # saver name -> folder
         self.stages: list[dict[str, Any]] = []
         self.device: Any = None
@@ -104,17 +108,19 @@ class Run:
     def _execute(self) -> None:
         cfg = self.config
         self._seed(cfg.base.seed)
-        if cfg.method is not None and cfg.method.needs_calibration:  # an empty or unreadable file fails before the model loads
+        if cfg.needs_calibration:  # an empty or unreadable file fails before the model loads
             self.calib_rows = self.read_calibration_rows()
         with self.stage("load model"):
             self.load_model()
         if cfg.method is not None:  # fail on a spec the model cannot take before any work
             self.method = cfg.method(cfg.special, cfg.weight)
+            self.method.scheme = cfg.scheme
             self.method.check_model(self.adapter)
-            self._check_int4_layers()
+            self._check_scheme_fits()
+            self._check_model_fits()
         self.evaluate("pretrain")
         if cfg.method is not None:
-            if cfg.method.needs_calibration:
+            if cfg.needs_calibration:
                 with self.stage("calibration data"):
                     self.load_calibration()
             with self.stage(f"{cfg.quant.method} transform"):
@@ -127,6 +133,7 @@ class Run:
             if not self.quantized:  # fail closed: never measure or save a float model as quantized
                 raise LlmcError(f"quant.method: {cfg.quant.method} quantized no layer (its quantize_block returned nothing), so fake_quant was neither measured nor saved. Report this with the config.")
             self.method.finish(overwrite=bool(cfg.save is not None and cfg.save.overwrite) or self.resume)
+            self.install_quantizers()  # activations and KV cache quantized from here on
             self.evaluate("fake_quant")
             if "real_quant" in cfg.positions(steps=True):  # the packed int4 layers in place, then the float ones back
                 from llmc_core.quant.qlinear import quant_linears
@@ -154,12 +161,19 @@ class Run:
         dev = self.config.base.device
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev)
 
-    def _check_int4_layers(self) -> None:
-        """Real int4 layers (save_awq, real_quant) need plain linear layers: refuse fused experts before any work."""
-        from llmc_core.weights import int4_layer_problem
+    def _check_model_fits(self) -> None:
+        """Each saver's model check (e.g. packed int4 formats need plain linear layers) and
+        ``real_quant``'s, before any work: one line per problem."""
+        problems = []
+        for saver_cls in self.config.savers:
+            try:
+                saver_cls().check_model(self.adapter)
+            except LlmcError as exc:
+                problems += exc.problems
+        if "real_quant" in self.config.positions():
+            from llmc_core.weights import int4_layer_problem
 
-        wanted = [w for w, on in (("save.save_awq", any(s.name == "awq" for s in self.config.savers)), ("eval.eval_pos: real_quant", "real_quant" in self.config.positions())) if on]
-        problems = [p for w in wanted if (p := int4_layer_problem(self.adapter, w))]
+            problems += [p for p in [int4_layer_problem(self.adapter, "eval.eval_pos: real_quant")] if p]
         if problems:
             raise LlmcError(*problems)
 
@@ -184,8 +198,13 @@ class Run:
         from llmc_core.blockwise import capture_block_inputs, run_blocks, sub_batches
 
         method, quant_out = self.method, self.config.quant.quant_out
-        if not type(method).needs_calibration:
+        if not self.config.needs_calibration:
             return
+        calibrates = type(method).needs_calibration
+        if self.config.scheme.needs_calibration:
+            from llmc_core.quant.act import Observer
+
+            self.observer = Observer(self.config.scheme)
         ckpt = self.checkpoint
         start = ckpt.restore_blocks(self)
         if start == len(self.adapter.blocks()):
@@ -196,7 +215,12 @@ class Run:
             log.info("resuming at block %d: blocks 0-%d restored from %s", start, start - 1, ckpt.folder)
 
         def work(ctx: Any) -> None:
-            method.transform_block(ctx)
+            if calibrates:
+                method.transform_block(ctx)
+            if self.observer is not None:  # static scales of the transformed block's activations
+                with self.observer.watching(ctx.block, ctx.prefix, ctx.adapter.quant_linears(ctx.block)):
+                    outputs = ctx.forward()
+                ctx.outputs = ctx.outputs or outputs
             if quant_out:
                 ctx.outputs = []  # transform_block's outputs are the float block's; quantize_block may set the quantized one's
                 with self.layer_errors.quantizing(ctx, inputs_follow=True):
@@ -212,6 +236,32 @@ class Run:
             self.hook.llmc_block_done(run=self, index=ctx.index, block=ctx.block)
 
         run_blocks(self.adapter, inputs, kwargs, self.device, work, lambda it: progress(it, desc="blocks"), after, start=start, quant_out=quant_out)
+
+    def install_quantizers(self) -> None:
+        """Put the scheme's activation and KV quantizers on the model (static scales from the block
+        pass); they stay for every later position (fake_quant, real_quant, lm_eval)."""
+        scheme = self.config.scheme
+        if scheme is None or scheme.weight_only:
+            return
+        from llmc_core.quant.act import install
+
+        if self.observer is not None:
+            self.act_scales, self.kv_scales = self.observer.act_scales(), self.observer.kv_scales()
+        try:
+            self.quantizers = install(self.model, scheme, sorted(self.quantized), self.act_scales, self.kv_scales)
+        except ValueError as exc:  # fail closed: a layer without its calibrated scale
+            raise LlmcError(f"quant.act: {exc}. Report this with the config.") from exc
+        log.info("activation quantizers on %d layers and KV cache quantizers where the scheme has them (%s)", len(self.quantized), scheme.describe())
+
+    def _check_scheme_fits(self) -> None:
+        """Refuse a KV cache scheme on a model whose attention llmc cannot hook (fused QKV)."""
+        scheme = self.config.scheme
+        if scheme is None or scheme.kv is None:
+            return
+        from llmc_core.quant.act import attention_modules
+
+        if not attention_modules(self.model):
+            raise LlmcError("quant.kvcache: this model has no attention module with separate k_proj and v_proj layers (fused QKV), so llmc cannot quantize its KV cache; remove quant.kvcache.")
 
     def quantize(self) -> None:
         """The quantize pass: the same block loop, with no inputs (nothing is computed but the weights)."""

@@ -11,7 +11,16 @@ CANDIDATE_GROUP_SIZES = (16, 32, 64, 128, 256)
 
 
 def check_divisible(spec: Any, linears: Mapping[str, Any]) -> None:
-    """Fail with one clear line if ``spec.group_size`` does not divide every layer's input size."""
+    """Fail with one clear line if ``spec.group_size`` does not divide every layer's input size
+    (``per_block``: if the block does not tile every weight)."""
+    if spec.granularity == "per_block":
+        r, c = spec.block_size
+        bad = [(n, lin.out_features, lin.in_features) for n, lin in linears.items() if lin.out_features % r or lin.in_features % c]
+        if bad:
+            n, o, i = bad[0]
+            more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+            raise LlmcError(f"quant.weight.block_size: [{r}, {c}] does not tile layer {n} ({o} x {i}){more}. Choose a block size that divides every layer's output and input sizes, or granularity: per_channel.")
+        return
     if spec.granularity != "per_group":
         return
     sizes = {name: lin.in_features for name, lin in linears.items()}

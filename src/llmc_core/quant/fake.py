@@ -17,22 +17,43 @@ if TYPE_CHECKING:
 
 
 def group_view(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Reshape ``[..., out, in]`` to ``[..., rows, group]`` for ``spec``'s granularity."""
+    """Reshape ``[..., out, in]`` to ``[..., rows, group]`` for ``spec``'s granularity
+    (``per_token`` is ``per_channel`` of an activation's ``[tokens, in]``). ``per_block`` tiles
+    are gathered into rows (a copy), row ``i * (in / c) + j`` holding tile ``(i, j)``;
+    :func:`ungroup` puts them back."""
     out_f, in_f = w.shape[-2], w.shape[-1]
     lead = w.shape[:-2]
     if spec.granularity == "per_tensor":
         return w.reshape(*lead, 1, out_f * in_f)
-    if spec.granularity == "per_channel":
+    if spec.granularity in ("per_channel", "per_token"):
         return w
+    if spec.granularity == "per_block":
+        r, c = spec.block_size
+        tiles = w.reshape(*lead, out_f // r, r, in_f // c, c).transpose(-3, -2)
+        return tiles.reshape(*lead, (out_f // r) * (in_f // c), r * c)
     return w.reshape(*lead, out_f * (in_f // spec.group_size), spec.group_size)
 
 
-def qparams(wg: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None = None, min_val: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ungroup(wg: torch.Tensor, shape: torch.Size | tuple[int, ...], spec: QuantSpec) -> torch.Tensor:
+    """The inverse of :func:`group_view`: ``[..., rows, group]`` back to ``shape`` (``[..., out, in]``)."""
+    if spec.granularity != "per_block":
+        return wg.reshape(shape)
+    r, c = spec.block_size
+    *lead, out_f, in_f = shape
+    return wg.reshape(*lead, out_f // r, in_f // c, r, c).transpose(-3, -2).reshape(shape)
+
+
+def qparams(wg: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None = None, min_val: torch.Tensor | None = None, global_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points for grouped weights ``wg`` (``[..., rows, group]``).
 
     ``max_val``/``min_val`` (``[..., rows, 1]``) override the group's range, as weight clipping does.
-    Returns ``(scale, zero)``, each ``[..., rows, 1]``; ``zero`` is 0 for symmetric specs.
+    Returns ``(scale, zero)``, each ``[..., rows, 1]``; ``zero`` is 0 for symmetric specs. Float
+    formats: ``scale`` is the one each value is divided by before rounding to the element format
+    (NVFP4's FP8 group scale over its global scale; ``global_amax``: the whole tensor's ``max |w|``
+    that global scale comes from, by default ``wg``'s own over its last two dimensions).
     """
+    if spec.is_float:
+        return _float_qparams(wg, spec, max_val, global_amax)
     if spec.symmetric:
         amax = wg.abs().amax(dim=-1, keepdim=True) if max_val is None else max_val
         scale = _stored_scale(amax.clamp(min=1e-5) / spec.qmax, spec)
@@ -84,6 +105,41 @@ def _mse_range(wg: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | Non
     return best_hi, best_lo
 
 
+def _float_qparams(wg: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None, global_amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from llmc_core.quant import floats
+
+    amax = wg.abs().amax(dim=-1, keepdim=True) if max_val is None else max_val
+    kind = spec.fp4_kind
+    if kind == "nvfp4":
+        if global_amax is None:
+            global_amax = amax.amax(dim=(-2, -1), keepdim=True)
+        gs = floats.nvfp4_global_scale(global_amax)
+        scale = floats.nvfp4_group_scales(amax, gs).float() / gs
+    elif kind == "mxfp4":
+        scale = floats.mx_scale(amax, spec.bit).float()
+    else:
+        scale = amax.float() / spec.qmax
+        scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
+    return scale, torch.zeros_like(scale)
+
+
+def global_scale(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
+    """NVFP4's per-tensor float32 global scale of weight ``w`` (None for every other format)."""
+    if spec.fp4_kind != "nvfp4":
+        return None
+    from llmc_core.quant import floats
+
+    return floats.nvfp4_global_scale(w.detach().float().abs().amax().reshape(1))
+
+
+def codes_dtype(spec: QuantSpec) -> torch.dtype:
+    """How a format's codes are held: int8/uint8 integers, FP8 as torch's float8 types, FP4's
+    E2M1 values in ``float8_e4m3fn`` (every E2M1 value is exact there)."""
+    if spec.is_float:
+        return torch.float8_e5m2 if spec.bit == "e5m2" else torch.float8_e4m3fn
+    return torch.int8 if spec.symmetric else torch.uint8
+
+
 def _stored_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``scale`` as the export format stores it (``spec.scale_dtype``), kept in float32."""
     if getattr(spec, "scale_dtype", "float32") != "float16":
@@ -93,8 +149,14 @@ def _stored_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def quantize_grouped(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Integer codes (as floats) of ``wg`` for the given scale and zero point: one new tensor, or
-    ``out`` (of the result's shape) when given, for a loop that reuses its temporary."""
+    """Codes (as float32 values) of ``wg`` for the given scale and zero point: integers for int
+    formats, the element format's values for float ones; one new tensor, or ``out`` (of the
+    result's shape) when given, for a loop that reuses its temporary."""
+    if spec.is_float:
+        from llmc_core.quant.floats import float_round
+
+        q = float_round(torch.div(wg, scale, out=out), spec.bit)
+        return q if out is None else out.copy_(q)
     return torch.div(wg, scale, out=out).round_().add_(zero).clamp_(spec.qmin, spec.qmax)
 
 
@@ -106,7 +168,7 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None
         max_val, min_val = weight_range(wg, spec)
     scale, zero = qparams(wg, spec, max_val, min_val)
     q = quantize_grouped(wg, scale, zero, spec)
-    return ((q - zero) * scale).reshape(w.shape).to(w.dtype)
+    return ungroup((q - zero) * scale, w.shape, spec).to(w.dtype)
 
 
 @dataclass
@@ -118,6 +180,10 @@ class QuantizedWeight:
     ``g_idx`` (``[in]`` int64, per-group only) names the group of each input column when groups are
     not consecutive columns (GPTQ's act-order: groups formed in a permuted column order); None means
     column ``j`` is in group ``j // group_size``, the layout packed formats need.
+    Float formats: ``codes`` holds the element values (``float8_e4m3fn`` / ``float8_e5m2``; FP4's
+    E2M1 values in ``float8_e4m3fn``), ``zeros`` are 0, ``scales`` are what the values multiply
+    (``[out / r, in / c]`` for ``per_block``), and NVFP4 keeps its per-tensor ``global_scale``
+    (``scales`` are then the FP8 group scales divided by it).
     ``dequantize()`` gives back exactly the fake-quantized weight.
     """
 
@@ -126,6 +192,7 @@ class QuantizedWeight:
     zeros: torch.Tensor
     spec: QuantSpec
     g_idx: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = self.codes
@@ -137,7 +204,7 @@ class QuantizedWeight:
         wg = group_view(codes.float(), self.spec)
         rows = wg.shape[-2]
         w = (wg - self.zeros.reshape(rows, 1).float()) * self.scales.reshape(rows, 1).float()
-        return w.reshape(out_f, in_f).to(dtype)
+        return ungroup(w, (out_f, in_f), self.spec).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -188,24 +255,46 @@ QuantizedWeight.codes = property(_get_codes, _set_codes, doc="``[out, in]`` inte
 def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest quantization of a ``[out, in]`` weight into a :class:`QuantizedWeight`."""
     out_f, in_f = w.shape
-    wg = group_view(w.detach().float(), spec)
-    scale, zero = qparams(wg, spec, *weight_range(wg, spec))
+    wf = w.detach().float()
+    wg = group_view(wf, spec)
+    gs = global_scale(wf, spec)
+    gmax = wf.abs().amax() if gs is not None else None
+    max_val, min_val = weight_range(wg, spec)
+    scale, zero = qparams(wg, spec, max_val, min_val, global_amax=gmax)
     q = quantize_grouped(wg, scale, zero, spec)
-    cols = 1 if spec.granularity == "per_tensor" else wg.shape[0] // out_f
-    shape = (1, 1) if spec.granularity == "per_tensor" else (out_f, cols)
-    codes = q.reshape(out_f, in_f).to(torch.int8 if spec.symmetric else torch.uint8)
-    return QuantizedWeight(codes, scale.reshape(shape), zero.reshape(shape), spec)
+    shape = _param_shape(spec, out_f, in_f)
+    codes = ungroup(q, (out_f, in_f), spec).to(codes_dtype(spec))
+    return QuantizedWeight(codes, scale.reshape(shape), zero.reshape(shape), spec, global_scale=gs)
 
 
-def column_qparams(cols: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _param_shape(spec: QuantSpec, out_f: int, in_f: int) -> tuple[int, int]:
+    """The ``[rows, cols]`` of a layer's scales and zero points."""
+    if spec.granularity == "per_tensor":
+        return (1, 1)
+    if spec.granularity == "per_block":
+        return (out_f // spec.block_size[0], in_f // spec.block_size[1])
+    if spec.granularity == "per_group":
+        return (out_f, in_f // spec.group_size)
+    return (out_f, 1)
+
+
+def column_qparams(cols: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None, global_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points for a ``[out, k]`` slice of weight columns, for methods that quantize
-    column by column (GPTQ): the slice is one group's columns (``per_group``), or the whole weight
-    (``per_channel``: ``[out, 1]`` each; ``per_tensor``: ``[1, 1]``). Same rule as :func:`qparams`;
-    ``importance`` (``[k]``) weights the columns in ``calib_algo: mse``'s search."""
+    column by column (GPTQ): the slice is one group's columns (``per_group``), one column of
+    tiles (``per_block``: each tile's parameters repeated over its rows, ``[out, 1]``), or the
+    whole weight (``per_channel``: ``[out, 1]`` each; ``per_tensor``: ``[1, 1]``). Same rule as
+    :func:`qparams`; ``importance`` (``[k]``) weights the columns in ``calib_algo: mse``'s search;
+    ``global_amax``: NVFP4's whole-weight ``max |w|``."""
+    if spec.granularity == "per_block":
+        r = spec.block_size[0]
+        tiles = cols.float().reshape(cols.shape[0] // r, r * cols.shape[1])
+        imp = None if importance is None else importance.repeat(r)
+        scale, zero = qparams(tiles, spec, *weight_range(tiles, spec, imp))
+        return scale.repeat_interleave(r, dim=0), zero.repeat_interleave(r, dim=0)
     wg = cols.float().reshape(1, -1) if spec.granularity == "per_tensor" else cols.float()
     if importance is not None and spec.granularity == "per_tensor":
         importance = importance.repeat(cols.shape[0])
-    return qparams(wg, spec, *weight_range(wg, spec, importance))
+    return qparams(wg, spec, *weight_range(wg, spec, importance), global_amax=global_amax)
 
 
 def quantize_columns(cols: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,8 +322,39 @@ def fake_quantize_(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """
     if w.dtype != torch.float32 or not w.is_contiguous():
         raise ValueError("fake_quantize_ needs a contiguous float32 tensor")
+    if spec.granularity == "per_block":  # tiles are a copy, not a view: write the result back
+        w.copy_(fake_quantize(w, spec))
+        return w
     wg = group_view(w, spec)
     scale, zero = qparams(wg, spec)
     q = quantize_grouped(wg, scale, zero, spec)
     wg.copy_(q.sub_(zero).mul_(scale))
     return w
+
+
+def fake_quantize_act(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize activations ``x`` (``[..., in]``) under ``spec``: ``per_token`` and
+    ``per_group`` scales from each token's values, a dynamic ``per_tensor`` scale from the whole
+    input, or the calibrated ``scale`` of a ``static`` spec (NVFP4: the static *global* scale's
+    ``max |x|``, with dynamic group scales under it). Computed in float32, returned in ``x``'s dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).float()
+    wg = group_view(x2, spec)
+    if spec.static and spec.fp4_kind == "nvfp4":
+        s, zero = qparams(wg, spec, global_amax=scale)
+    elif spec.static:
+        s, zero = scale.float().reshape(1, 1), torch.zeros(1, 1, device=x.device)
+    else:
+        s, zero = qparams(wg, spec)
+    q = quantize_grouped(wg, s, zero, spec)
+    return ungroup((q - zero) * s, x2.shape, spec).reshape(shape).to(x.dtype)
+
+
+def static_scale(amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The calibrated scale of a ``static`` activation spec from the observed ``max |x|``: what
+    :func:`fake_quantize_act` takes (for NVFP4 that is the ``max |x|`` itself, the global scale's
+    source)."""
+    if spec.fp4_kind == "nvfp4":
+        return amax.float().reshape(1)
+    s = amax.float().reshape(1) / spec.qmax
+    return torch.where(s == 0, torch.finfo(torch.float32).eps, s)

@@ -27,3 +27,15 @@ def awq_problems(bit: int, granularity: str, group_size: int | None) -> list[str
 def awq_quantization_config(group_size: int, not_converted: list[str]) -> dict[str, Any]:
     """The ``config.json`` entry that marks an AWQ GEMM checkpoint."""
     return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm", "modules_to_not_convert": not_converted}
+
+
+def real_quant_problems(scheme: Any) -> list[str]:
+    """Why llmc has no real-quantized kernel for ``scheme`` (empty list: ``real_quant`` can run it).
+
+    ``real_quant`` runs packed int4 weights (W4A16 per-group: the Triton kernel on CUDA, the torch
+    reference elsewhere); other schemes are measured at ``fake_quant``.
+    """
+    w = scheme.weight
+    if scheme.weight_only and not w.is_float:
+        return awq_problems(w.bit, w.granularity, w.group_size)
+    return [f"llmc's real-quantized layers run W4A16 integer weights only, not {scheme.describe()}"]

@@ -1,66 +1,180 @@
-"""``QuantSpec``: what ``quant.weight`` describes (bits, symmetry, granularity, group size)."""
+"""``QuantSpec``: one tensor's quantization (``quant.weight``, ``quant.act``, ``quant.kvcache``).
+
+The field names are ModelTC/llmc's, so its configs validate unchanged; each maps one to one onto
+compressed-tensors' ``QuantizationArgs`` (``describe_ct`` in :mod:`llmc_core.quant.scheme`), the
+format llmc exports to. Torch-free: config validation never imports torch.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ValidationInfo, field_validator, model_validator
 
 from llmc_core.schema import StrictModel
 
+FLOAT_BITS = ("e4m3", "e5m2", "e2m1")  # OCP FP8 E4M3FN and E5M2, FP4 E2M1
+FLOAT_MAX = {"e4m3": 448.0, "e5m2": 57344.0, "e2m1": 6.0}
+Granularity = Literal["per_tensor", "per_channel", "per_group", "per_block", "per_token"]
+
 
 class QuantSpec(StrictModel):
-    """Integer weight quantization settings (the ``quant.weight`` section).
+    """How one kind of tensor is quantized (the ``quant.weight`` / ``quant.act`` section).
 
-    - ``bit``: 2 to 8.
-    - ``symmetric``: symmetric (zero point 0, range ``[-2^(b-1), 2^(b-1)-1]``) or asymmetric
-      (unsigned ``[0, 2^b-1]`` with an integer zero point).
-    - ``granularity``: ``per_tensor``, ``per_channel`` (one scale per output row) or ``per_group``
-      (one scale per ``group_size`` consecutive inputs of each row).
-    - ``group_size``: required for ``per_group``.
-    - ``quant_type``: only ``int-quant`` (accepted for ModelTC/llmc configs).
-    - ``scale_dtype``: ``float32`` (default) or ``float16``: round every scale to float16, as int4
-      formats (AWQ GEMM) store them, so the fake-quantized model equals the exported one exactly.
-    - ``calib_algo``: how a group's range is chosen when a method does not choose it itself
-      (ModelTC/llmc's key). ``minmax`` (default): the group's min and max. ``mse``: the range
-      shrunk by the factor in ``1, 0.99, ..., 0.21`` that minimises ``sum |w - q(w)|^2.4`` per
-      group (the GPTQ reference's ``mse`` quantizer; 80 quantizations per weight, weight-only).
-      Used by RTN, by GPTQ's group parameters and by AWQ's final rounding; AWQ's own scale and
-      clip searches keep min-max inside the search.
+    - ``quant_type``: ``int-quant`` (default) or ``float-quant``.
+    - ``bit``: 2 to 8 for ``int-quant``; ``e4m3``, ``e5m2`` (FP8) or ``e2m1`` (FP4) for
+      ``float-quant`` (``bit: 8`` / ``bit: 4`` with ``float-quant`` mean ``e4m3`` / ``e2m1``; a
+      float name alone implies ``float-quant``).
+    - ``symmetric``: zero point 0 (int range ``[-2^(b-1), 2^(b-1)-1]``), or asymmetric (unsigned
+      ``[0, 2^b-1]`` with an integer zero point). Float formats are symmetric.
+    - ``granularity``: ``per_tensor``, ``per_channel`` (one scale per output row), ``per_group``
+      (one scale per ``group_size`` consecutive inputs), ``per_block`` (weights: one scale per
+      ``block_size`` ``[rows, cols]`` tile, e.g. ``[128, 128]``; ModelTC's ``block_size: 128``
+      means ``[128, 128]``) or ``per_token`` (activations: one scale per token, computed at run time).
+    - ``group_size``: required for ``per_group`` (-1 with ``per_channel`` is accepted, as ModelTC writes it).
+    - ``scale_dtype``: how scales are stored: ``float32`` (default), ``float16`` (rounded to
+      float16 before the codes are computed, as AWQ GEMM stores them, so fake == exported bit for
+      bit), ``e4m3`` (FP4 only: NVFP4's FP8 group scales under one float32 global scale per tensor;
+      the default for ``e2m1`` with group size 16) or ``e8m0`` (FP4 only: the OCP MX power-of-two
+      scales; the default for ``e2m1`` with group size 32).
+    - ``static`` (activations): one per-tensor scale calibrated on the calibration data in the
+      block pass, instead of scales computed from each input at run time. With NVFP4 activations
+      (``e2m1``, ``scale_dtype: e4m3``) the global scale is static and the group scales dynamic.
+    - ``calib_algo``: how a weight group's range is chosen when a method does not choose it
+      (``minmax``: the group's min and max; ``mse``: the range shrunk by the factor in ``1, 0.99,
+      ..., 0.21`` that minimises ``sum |w - q(w)|^2.4``). Static activation scales come from the
+      largest ``|x|`` seen on the calibration data (``minmax``, the only activation observer).
+    - ``use_qtorch`` (ModelTC's key): accepted; llmc computes float formats with torch's own
+      float8 types and an exact FP4 rounding, so it changes nothing.
     """
 
-    bit: int = Field(ge=2, le=8)
+    quant_type: Literal["int-quant", "float-quant"] = "int-quant"  # first: ``bit`` is read against it
+    bit: int | str
     symmetric: bool = False
-    granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_group"
-    group_size: int | None = Field(default=None, gt=0)
-    quant_type: Literal["int-quant"] = "int-quant"
-    scale_dtype: Literal["float32", "float16"] = "float32"
+    granularity: Granularity = "per_group"
+    group_size: int | None = None
+    block_size: list[int] | None = None
+    scale_dtype: Literal["float32", "float16", "e4m3", "e8m0"] = "float32"
     calib_algo: Literal["minmax", "mse"] = "minmax"
+    static: bool = False
+    use_qtorch: bool = False
 
     @model_validator(mode="before")
     @classmethod
-    def _learnable_is_not_here(cls, data: object) -> object:
-        if isinstance(data, dict) and data.get("calib_algo") == "learnable":
+    def _normalise(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("calib_algo") == "learnable":
             raise ValueError("calib_algo: learnable (OmniQuant-style learned clipping) is not implemented; use minmax or mse")
+        bit = data.get("bit")
+        if isinstance(bit, str) and bit.lower() in FLOAT_BITS:
+            data["bit"] = bit.lower()
+            data.setdefault("quant_type", "float-quant")
+        if data.get("quant_type") == "float-quant":
+            if data.get("bit") in (8, 4):
+                data["bit"] = {8: "e4m3", 4: "e2m1"}[data["bit"]]
+            data.setdefault("symmetric", True)
+            if data.get("bit") == "e2m1" and "scale_dtype" not in data:
+                data["scale_dtype"] = {16: "e4m3", 32: "e8m0"}.get(data.get("group_size"), "float32")
+        if isinstance(data.get("block_size"), int) and not isinstance(data.get("block_size"), bool):
+            data["block_size"] = [data["block_size"], data["block_size"]]
         return data
 
+    @field_validator("bit")
+    @classmethod
+    def _bit_fits_type(cls, v: int | str, info: ValidationInfo) -> int | str:
+        if info.data.get("quant_type", "int-quant") == "int-quant":
+            if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
+                raise ValueError("int-quant takes 2 to 8 bits; for float formats set quant_type: float-quant and bit: e4m3, e5m2 or e2m1")
+        elif v not in FLOAT_BITS:
+            raise ValueError("float-quant takes e4m3, e5m2 (FP8) or e2m1 (FP4)")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size_positive(cls, v: int | None) -> int | None:
+        if v is not None and v != -1 and v <= 0:
+            raise ValueError("should be a positive number of input columns (or -1 with per_channel)")
+        return v
+
     @model_validator(mode="after")
-    def _group_size_matches_granularity(self) -> QuantSpec:
-        if self.granularity == "per_group" and self.group_size is None:
+    def _consistent(self) -> QuantSpec:
+        if self.quant_type == "int-quant":
+            if self.scale_dtype in ("e4m3", "e8m0"):
+                raise ValueError(f"scale_dtype: {self.scale_dtype} scales belong to FP4 (quant_type: float-quant, bit: e2m1)")
+        else:
+            if not self.symmetric:
+                raise ValueError("symmetric: float formats are symmetric (zero point 0); set symmetric: true")
+            if self.scale_dtype in ("e4m3", "e8m0"):
+                if self.bit != "e2m1" or self.granularity != "per_group":
+                    raise ValueError(f"scale_dtype: {self.scale_dtype} is FP4's group scale (bit: e2m1, granularity: per_group)")
+            elif self.scale_dtype == "float16":
+                raise ValueError("scale_dtype: float16 is for integer formats (AWQ GEMM); float formats keep float32 scales")
+        if self.granularity == "per_group" and self.group_size in (None, -1):
             raise ValueError("granularity 'per_group' needs a group_size (e.g. 128, or 64 when 128 does not divide the hidden size)")
-        if self.granularity != "per_group" and self.group_size not in (None, -1):
+        if self.granularity not in ("per_group",) and self.group_size not in (None, -1):
             raise ValueError(f"group_size is only used with granularity 'per_group' (got granularity '{self.granularity}')")
+        if self.granularity == "per_block":
+            if not self.block_size or len(self.block_size) != 2 or min(self.block_size) <= 0:
+                raise ValueError("granularity 'per_block' needs block_size: [rows, cols] (e.g. [128, 128]) or one number for square blocks")
+        elif self.block_size is not None:
+            raise ValueError(f"block_size is only used with granularity 'per_block' (got granularity '{self.granularity}')")
+        if self.static and self.granularity not in ("per_tensor",) and self.scale_dtype != "e4m3":
+            raise ValueError(f"static: true calibrates one scale per tensor; use granularity: per_tensor (got {self.granularity})")
         return self
 
+    # -- derived ---------------------------------------------------------------------------
+
     @property
-    def qmin(self) -> int:
+    def is_float(self) -> bool:
+        return self.quant_type == "float-quant"
+
+    @property
+    def num_bits(self) -> int:
+        """Bits per element (8 for FP8, 4 for FP4)."""
+        return {"e4m3": 8, "e5m2": 8, "e2m1": 4}[self.bit] if self.is_float else int(self.bit)
+
+    @property
+    def qmin(self) -> int | float:
+        if self.is_float:
+            return -FLOAT_MAX[self.bit]
         return -(2 ** (self.bit - 1)) if self.symmetric else 0
 
     @property
-    def qmax(self) -> int:
+    def qmax(self) -> int | float:
+        if self.is_float:
+            return FLOAT_MAX[self.bit]
         return 2 ** (self.bit - 1) - 1 if self.symmetric else 2**self.bit - 1
 
-    def describe(self) -> str:
-        g = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
+    @property
+    def fp4_kind(self) -> str | None:
+        """``nvfp4`` (e4m3 group scales + global scale), ``mxfp4`` (e8m0 scales) or None."""
+        return {"e4m3": "nvfp4", "e8m0": "mxfp4"}.get(self.scale_dtype) if self.bit == "e2m1" else None
+
+    def describe(self, role: str = "w") -> str:
+        """Short form for logs and reports, e.g. ``w4 g64 asym``, ``w:fp8-e4m3 per_channel``, ``a:nvfp4 g16``."""
+        g = f"g{self.group_size}" if self.granularity == "per_group" else "b{}x{}".format(*self.block_size) if self.block_size else self.granularity
+        static = " static" if self.static else ""
+        if self.is_float:
+            name = self.fp4_kind or ("fp4" if self.bit == "e2m1" else f"fp8-{self.bit}")
+            return f"{role}:{name} {g}{static}"
         mse = " mse" if self.calib_algo == "mse" else ""
-        return f"w{self.bit} {g} {'sym' if self.symmetric else 'asym'}{mse}"
+        return f"{role}{self.bit} {g} {'sym' if self.symmetric else 'asym'}{mse}{static}"
+
+
+class KvSpec(QuantSpec):
+    """``quant.kvcache``: keys and values quantized as they enter the attention (after RoPE).
+    ModelTC's keys plus ``method: Naive`` (the only method: round to nearest). ``per_tensor``
+    scales are static (calibrated), one for K and one for V per attention layer, as vLLM's
+    ``k_scale``/``v_scale``; ``per_token`` scales are dynamic."""
+
+    method: Literal["naive", "Naive"] = "naive"
+
+    @model_validator(mode="after")
+    def _kv_rules(self) -> KvSpec:
+        if self.granularity not in ("per_tensor", "per_token"):
+            raise ValueError(f"granularity: the KV cache is quantized per_tensor (static) or per_token (dynamic), got {self.granularity}")
+        if self.granularity == "per_tensor" and not self.static:
+            object.__setattr__(self, "static", True)
+        return self

@@ -31,6 +31,9 @@ def _column_params(qw: Any, g_idx: Any, device: Any) -> tuple[Any, Any]:
     out_f, in_f = qw.codes.shape
     rows = qw.scales.shape[0]
     scales, zeros = qw.scales.to(device).float().reshape(rows, -1), qw.zeros.to(device).float().reshape(rows, -1)
+    if qw.spec.granularity == "per_block":
+        r, c = qw.spec.block_size
+        return tuple(t.repeat_interleave(r, dim=0).repeat_interleave(c, dim=1) for t in (scales, zeros))
     if rows != out_f:  # per tensor
         return scales.expand(out_f, in_f), zeros.expand(out_f, in_f)
     if g_idx is None:
@@ -49,10 +52,16 @@ def recover_codes(weight: Any, qw: Any) -> Any:
     """The integer codes of a fake-quantized ``weight`` given ``qw``'s scales, zeros and spec."""
     import torch
 
+    from llmc_core.quant.fake import codes_dtype
+
     spec = qw.spec
     scales, zeros = _column_params(qw, getattr(qw, "g_idx", None), weight.device)
+    if spec.is_float:
+        from llmc_core.quant.floats import float_round
+
+        return float_round(weight.float() / scales, spec.bit).to(codes_dtype(spec))
     q = torch.clamp(torch.round(weight.float() / scales) + zeros, spec.qmin, spec.qmax)
-    return q.to(torch.int8 if spec.symmetric else torch.uint8)
+    return q.to(codes_dtype(spec))
 
 
 def write_qparams(folder: str | Path, model: Any, quantized: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,6 +81,8 @@ def write_qparams(folder: str | Path, model: Any, quantized: Mapping[str, Any]) 
         g_idx = getattr(qw, "g_idx", None)
         if g_idx is not None:
             tensors[f"{name}.g_idx"] = g_idx.detach().cpu().to(torch.int32).contiguous()
+        if getattr(qw, "global_scale", None) is not None:
+            tensors[f"{name}.global_scale"] = qw.global_scale.detach().float().cpu().reshape(1).contiguous()
         weight = weight_of(model, name).detach()
         if not _same(recover_codes(weight, qw), qw.codes):
             tensors[f"{name}.codes"] = qw.codes.detach().cpu().contiguous()
@@ -111,6 +122,7 @@ def read_quantized(folder: str | Path, model: Any) -> dict[str, Any]:
         qw = QuantizedWeight(weight.new_zeros(weight.shape, dtype=torch.uint8), scales, scales.new_zeros(scales.shape) if zeros is None else zeros.float(), spec)
         if f"{name}.g_idx" in tensors:
             qw.g_idx = tensors[f"{name}.g_idx"]
+        qw.global_scale = tensors.get(f"{name}.global_scale")
         qw.codes = tensors[f"{name}.codes"] if f"{name}.codes" in tensors else recover_codes(weight, qw)
         if not _same(dequantize(qw, weight.dtype), weight):
             raise LlmcError(f"{folder}: the weights of {name} are not what {QPARAMS_FILE} quantizes to (was the model changed after saving?); save it again from the run.")
@@ -122,4 +134,6 @@ def _same(a: Any, b: Any) -> bool:
     """Same shape and the same values, bit for bit (``b`` cast to ``a``'s dtype)."""
     import torch
 
+    if a.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or b.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        a, b = a.float(), b.float()
     return a.shape == b.shape and torch.equal(a.cpu(), b.cpu().to(a.dtype))

@@ -10,10 +10,13 @@ class Rtn(Method):
     """Round-to-nearest (RTN) weight-only quantization.
 
     What it does: replaces every linear layer inside the decoder blocks by its quantize-dequantize
-    value under ``quant.weight`` (2-8 bits, symmetric or asymmetric, per-tensor, per-channel or
-    per-group), with each group's scale from its min/max (asymmetric) or absmax (symmetric).
-    What it does not do: touch embeddings or ``lm_head``, use calibration data, or transform the
-    float model (so ``transformed`` equals ``pretrain``).
+    value under ``quant.weight`` (any scheme: 2-8 bit integers, symmetric or asymmetric, per-tensor,
+    per-channel or per-group; FP8 per-tensor, per-channel or per-block; NVFP4 / MXFP4), with each
+    group's scale from its min/max (asymmetric) or absmax (symmetric). Activation and KV cache
+    quantization (``quant.act``, ``quant.kvcache``) are the runner's; static activation scales
+    make the run calibrate (one block pass over the calibration data, observing inputs).
+    What it does not do: touch embeddings or ``lm_head``, use calibration data for the weights, or
+    transform the float model (so ``transformed`` equals ``pretrain``).
 
     Example::
 
@@ -28,6 +31,10 @@ class Rtn(Method):
     name = "rtn"
     Config = NoOptions
     needs_calibration = False
+
+    @classmethod
+    def accepts(cls, scheme):
+        return []  # every scheme: the rounding is llmc_core.quant's, activations are the runner's
 
 
 @hookimpl

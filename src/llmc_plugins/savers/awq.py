@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from llmc_core.api import Saver
-from llmc_core.errors import LlmcError
 
 
 class SaveAwq(Saver):
@@ -22,15 +21,22 @@ class SaveAwq(Saver):
     folder = "awq_model"
     position = "fake_quant"
 
-    def check(self, run_config):
+    @classmethod
+    def accepts(cls, scheme):
         from llmc_core.quant.rules import awq_problems
 
-        spec = run_config.weight
-        if spec is None:
-            return
-        problems = awq_problems(spec.bit, spec.granularity, spec.group_size)
-        if problems:
-            raise LlmcError(*(f"save.save_awq: {p}. Save the fake-quantized model with save.save_fake instead, or change quant.weight." for p in problems))
+        w = scheme.weight
+        if not scheme.weight_only or w.is_float:
+            return [f"the AWQ GEMM format stores 4-bit integer weights only (W4A16), not {scheme.describe()}. Save it with save_vllm (compressed-tensors) or save_fake instead."]
+        return [f"{p}. Save the fake-quantized model with save.save_fake instead, or change quant.weight." for p in awq_problems(w.bit, w.granularity, w.group_size)]
+
+    def check_model(self, adapter):
+        from llmc_core.errors import LlmcError
+        from llmc_core.weights import int4_layer_problem
+
+        problem = int4_layer_problem(adapter, "save.save_awq")
+        if problem:
+            raise LlmcError(problem)
 
     def save(self, state, folder):
         from llmc_core.quant.awq_format import write_awq_folder

@@ -229,6 +229,13 @@ class Awq(Method):
     # -- lifecycle: validation, resume, end of run -------------------------------------------------
 
     @classmethod
+    def accepts(cls, scheme: Any) -> list[str]:
+        """Integer weights (the search rounds them); activation and KV quantizers are the runner's."""
+        if scheme.weight.is_float:
+            return [f"AWQ's scale and clip searches round integer weights, not {scheme.weight.describe()}; use RTN or GPTQ for float weights."]
+        return []
+
+    @classmethod
     def check(cls, run_config: Any) -> None:
         opts = run_config.special
         overwrite = bool(run_config.save is not None and run_config.save.overwrite) or run_config.resume

@@ -173,9 +173,16 @@ class Gptq(Method):
         self._outputs: dict[int, list[Any]] = {}
 
     @classmethod
+    def accepts(cls, scheme: Any) -> list[str]:
+        return []  # every weight format rounds through llmc_core.quant; activations are the runner's
+
+    @classmethod
     def check(cls, run_config: Any) -> None:
         """Act-order without static groups stores a ``g_idx``: refuse the packed int4 layouts."""
         opts = run_config.special
+        scheme = getattr(run_config, "scheme", None)
+        if opts is not None and opts.awq is not None and scheme is not None and scheme.weight.is_float:
+            raise LlmcError("quant.special.awq: AWQ's scale search runs on integer weights; remove special.awq for float weight schemes.")
         if opts is not None and opts.awq is not None:  # the AWQ step's files (save_scale, save_clip)
             from dataclasses import replace
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from llmc_core.errors import LlmcError
-from llmc_core.quant.fake import QuantizedWeight, column_qparams, group_view, qparams, quantize_columns, weight_range
+from llmc_core.quant.fake import QuantizedWeight, codes_dtype, column_qparams, global_scale, group_view, qparams, quantize_columns, weight_range
 
 log = logging.getLogger("llmc.gptq")
 
@@ -128,10 +128,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: Any, blocksize: int = 
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0  # a dead input constrains nothing; its weights are zeroed (as the reference)
     W[:, dead] = 0.0
-    g = spec.group_size if spec.granularity == "per_group" else None
+    blocks = spec.granularity == "per_block"  # tiles: a group of block_size[1] columns, parameters per row tile
+    g = spec.group_size if spec.granularity == "per_group" else spec.block_size[1] if blocks else None
+    gs = global_scale(W, spec)  # NVFP4: one global scale from the whole weight, whatever the column order
+    gmax = W.abs().amax() if gs is not None else None
     d = torch.diagonal(H).clone() if weighted else None  # each column's input energy, for mse's range search
     fixed = column_qparams(W, spec, d) if g is None else None
-    static = _static_groups(W, spec, d) if g is not None and static_groups else None
+    static = _static_groups(W, spec, d) if g is not None and (static_groups or blocks) else None
     perm = None
     if actorder:
         perm = torch.argsort(torch.diagonal(H), descending=True)
@@ -151,21 +154,23 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: Any, blocksize: int = 
         err1 = torch.zeros_like(W1)
         hinv1 = hinv[i1:i2, i1:i2]
         with _one_thread(W.device):
-            _solve_block(W, W1, err1, hinv, hinv1, i1, codes, scales, zeros, loss, spec, g, fixed, static, perm, d)
+            _solve_block(W, W1, err1, hinv, hinv1, i1, codes, scales, zeros, loss, spec, g, fixed, static, perm, d, gmax)
         W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     g_idx = None
     if perm is not None:
         invperm = torch.argsort(perm)
         codes = codes[:, invperm]
-        if g is not None and not static_groups:
+        if g is not None and static is None:
             g_idx = (invperm // g).to(torch.int64)
     if g is None:
         scales, zeros = fixed[0].reshape(-1, 1), fixed[1].reshape(-1, 1)
     elif static is not None:
         scales = torch.cat([s for s, _ in static], dim=1)
         zeros = torch.cat([z for _, z in static], dim=1)
-    qw = QuantizedWeight(codes.to(torch.int8 if spec.symmetric else torch.uint8), scales, zeros, spec, g_idx)
+        if blocks:  # one row per row tile
+            scales, zeros = scales[:: spec.block_size[0]].contiguous(), zeros[:: spec.block_size[0]].contiguous()
+    qw = QuantizedWeight(codes.to(codes_dtype(spec)), scales, zeros, spec, g_idx, gs)
     return Solved(qw, float(loss), damp, retries, int(dead.sum()))
 
 
@@ -173,6 +178,9 @@ def _static_groups(W: torch.Tensor, spec: Any, d: torch.Tensor | None) -> list[t
     """Each group's ``(scale, zero)`` (``[out, 1]``) from the original weight's consecutive columns,
     all groups in one search (``calib_algo: mse`` weighted by ``d``, ``[in]``, when given)."""
     out_f, n = W.shape
+    if spec.granularity == "per_block":
+        c = spec.block_size[1]
+        return [column_qparams(W[:, k : k + c], spec, None if d is None else d[k : k + c]) for k in range(0, n, c)]
     g = spec.group_size
     wg = group_view(W, spec)  # [out * n/g, g]: row r is output r // (n/g), group r % (n/g)
     importance = None if d is None else d.reshape(1, n // g, g).expand(out_f, -1, -1).reshape(-1, g)
@@ -181,7 +189,7 @@ def _static_groups(W: torch.Tensor, spec: Any, d: torch.Tensor | None) -> list[t
     return [(scale[:, k : k + 1], zero[:, k : k + 1]) for k in range(n // g)]
 
 
-def _solve_block(W, W1, err1, hinv, hinv1, i1, codes, scales, zeros, loss, spec, g, fixed, static, perm, d=None) -> None:
+def _solve_block(W, W1, err1, hinv, hinv1, i1, codes, scales, zeros, loss, spec, g, fixed, static, perm, d=None, gmax=None) -> None:
     """Quantize the columns of one lazy-update block ``W1`` (starting at column ``i1``) in place:
     codes, group parameters and the loss go into the given tensors, each column's scaled error
     into ``err1``."""
@@ -193,7 +201,7 @@ def _solve_block(W, W1, err1, hinv, hinv1, i1, codes, scales, zeros, loss, spec,
         elif static is not None:
             scale, zero = static[int(perm[col] if perm is not None else col) // g]
         elif col % g == 0:
-            scale, zero = column_qparams(_current_columns(W, W1, err1, hinv, i1, i, g), spec, None if d is None else d[col : col + g])
+            scale, zero = column_qparams(_current_columns(W, W1, err1, hinv, i1, i, g), spec, None if d is None else d[col : col + g], global_amax=gmax)
             scales[:, col // g], zeros[:, col // g] = scale[:, 0], zero[:, 0]
         elif scale is None:  # a block that starts inside a group: that group's parameters
             k = col // g
