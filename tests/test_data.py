@@ -8,8 +8,8 @@ import pytest
 
 from llmc_core.errors import LlmcError
 from llmc_core.testing import word_tokenizer
-from llmc_plugins.data.corpora import C4, Custom, PileVal, WikiText2
-from llmc_plugins.data.preprocs import PilevalAwq, RandomWindow
+from llmc_plugins.data.corpora import C4, Custom, PileVal, UltraChat, WikiText2
+from llmc_plugins.data.preprocs import PilevalAwq, PilevalOmni, PilevalSmooth, RandomTruncateTxt, RandomWindow, TxtGeneral, UltrachatGeneral, WikiText2Gptq
 from llmc_plugins.data.readers import wikitext_raw_rows
 
 
@@ -71,6 +71,201 @@ def test_random_window(tiny_text_file):
     rows = tiny_text_file.read_text().splitlines()
     samples = RandomWindow().samples(rows, word_tokenizer(), n_samples=3, seq_len=16, seed=0)
     assert [s.shape for s in samples] == [(1, 16)] * 3
+
+
+# -- ModelTC's recipes --------------------------------------------------------------------------
+
+
+def numbered_docs(lengths: list[int]) -> list[str]:
+    """Documents of the given token counts (word tokenizer; 0 gives ``""``): document ``k`` starts
+    with its own token ``w{40+k}``, then ordinary words."""
+    from llmc_core.testing import WORDS
+
+    return [" ".join([f"w{40 + k}"] + [WORDS[(k + j) % len(WORDS)] for j in range(n - 1)]) if n else "" for k, n in enumerate(lengths)]
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok(text)["input_ids"]
+
+
+def hf_shuffle_order(n: int, seed: int) -> list[int]:
+    """The order ``datasets.Dataset.shuffle(seed=...)`` gives, as ModelTC shuffles."""
+    datasets = pytest.importorskip("datasets")
+    return datasets.Dataset.from_dict({"i": list(range(n))}).shuffle(seed=seed)["i"]
+
+
+LENGTHS = [5, 20, 3, 16, 40, 15, 0, 25, 8, 33, 17, 2, 50, 12, 19]  # 16 = seq_len below; 0 = an empty row
+
+
+def test_txt_general_keeps_documents_of_at_least_seq_len_cut_to_it_in_datasets_shuffle_order():
+    rows, tok = numbered_docs(LENGTHS), word_tokenizer()
+    rows[6] = "   "
+    long_docs = [k for k, n in enumerate(LENGTHS) if n >= 16]  # 8 documents, the one of exactly 16 included
+    samples = TxtGeneral().samples(rows, tok, n_samples=len(long_docs), seq_len=16, seed=3)
+    expected = [k for k in hf_shuffle_order(len(rows), 3) if k in long_docs]
+    assert [s.shape for s in samples] == [(1, 16)] * len(long_docs)
+    assert [s[0].tolist() for s in samples] == [ids(tok, rows[k])[:16] for k in expected]
+    again = TxtGeneral().samples(rows, tok, n_samples=4, seq_len=16, seed=3)
+    assert all((a == b).all() for a, b in zip(samples[:4], again))
+    other = TxtGeneral().samples(rows, tok, n_samples=4, seq_len=16, seed=4)
+    assert [s[0, 0].item() for s in other] != [s[0, 0].item() for s in again]
+
+
+def test_txt_general_refuses_when_too_few_documents_are_long_enough():
+    rows = numbered_docs(LENGTHS)
+    with pytest.raises(LlmcError, match=r"txt_general_preproc needs 9 documents of at least 16 tokens \(calib.seq_len\), but the data has only 8") as exc:
+        TxtGeneral().samples(rows, word_tokenizer(), n_samples=9, seq_len=16, seed=0)
+    assert len(exc.value.problems) == 1
+
+
+def test_pileval_smooth_takes_the_first_non_empty_documents_cut_to_seq_len_whatever_their_length():
+    rows, tok = numbered_docs(LENGTHS), word_tokenizer()
+    rows[6] = ""
+    non_empty = [k for k in hf_shuffle_order(len(rows), 42) if k != 6]
+    samples = PilevalSmooth().samples(rows, tok, n_samples=len(non_empty), seq_len=16, seed=42)
+    assert [s[0].tolist() for s in samples] == [ids(tok, rows[k])[:16] for k in non_empty]
+    assert sorted({s.shape[1] for s in samples}) == sorted({min(n, 16) for n in LENGTHS if n})  # short ones kept, long ones cut
+    assert all(s.dtype == torch_long() and s.shape[0] == 1 for s in samples)
+    with pytest.raises(LlmcError, match=r"pileval_smooth takes one sample per document and needs 15, but the data has only 14 non-empty"):
+        PilevalSmooth().samples(rows, tok, n_samples=15, seq_len=16, seed=42)
+
+
+def torch_long():
+    import torch
+
+    return torch.long
+
+
+def joined_windows(tok, rows, n, seq_len, rng):
+    """GPTQ's draw: ``"\n\n"``-joined rows, ``randint(0, len - seq_len - 1)`` starts."""
+    all_ids = ids(tok, "\n\n".join(rows))
+    return [all_ids[s : s + seq_len] for s in (rng.randint(0, len(all_ids) - seq_len - 1) for _ in range(n))]
+
+
+def test_wikitext2_gptq_cuts_random_windows_of_the_joined_rows():
+    import random
+
+    rows, tok = numbered_docs(LENGTHS), word_tokenizer()
+    samples = WikiText2Gptq().samples(rows, tok, n_samples=6, seq_len=16, seed=5)
+    assert [s[0].tolist() for s in samples] == joined_windows(tok, rows, 6, 16, random.Random(5))
+    # windows of the join, not of single documents (random_window takes windows inside document 12's 50 tokens)
+    firsts = {ids(tok, r)[0] for r in rows if r}
+    assert any(sum(t in firsts for t in s[0].tolist()) > 1 for s in samples)
+    with pytest.raises(LlmcError, match=r"calib.seq_len: wikitext2_gptq cuts 2 windows of 300 tokens from the data joined with blank lines, which is only 265 tokens"):
+        WikiText2Gptq().samples(rows, tok, n_samples=2, seq_len=300, seed=5)
+
+
+def test_random_truncate_txt_shuffles_the_rows_before_joining():
+    import random
+
+    rows, tok = numbered_docs(LENGTHS), word_tokenizer()
+    rng = random.Random(7)
+    shuffled = list(rows)
+    rng.shuffle(shuffled)
+    samples = RandomTruncateTxt().samples(rows, tok, n_samples=5, seq_len=16, seed=7)
+    assert [s[0].tolist() for s in samples] == joined_windows(tok, shuffled, 5, 16, rng)
+    assert [s[0].tolist() for s in samples] != [s[0].tolist() for s in WikiText2Gptq().samples(rows, tok, n_samples=5, seq_len=16, seed=7)]
+    again = RandomTruncateTxt().samples(rows, tok, n_samples=5, seq_len=16, seed=7)
+    assert all((a == b).all() for a, b in zip(samples, again))
+
+
+def test_pileval_omni_reads_only_the_first_1000_documents():
+    import random
+
+    tok = word_tokenizer()
+    rows = ["the quick brown fox jumps"] * 1000 + ["w100 w101 w102 w103"] * 500
+    samples = PilevalOmni().samples(rows, tok, n_samples=64, seq_len=16, seed=0)
+    assert [s[0].tolist() for s in samples] == joined_windows(tok, rows[:1000], 64, 16, random.Random(0))
+    assert not any(t in (100, 101, 102, 103) for s in samples for t in s[0].tolist())
+    with pytest.raises(LlmcError, match=r"pileval_omni cuts 1 windows of 5000 tokens from the first 1000 rows"):
+        PilevalOmni().samples(rows, tok, n_samples=1, seq_len=5000, seed=0)
+
+
+def test_c4_gptq_is_random_window():
+    from llmc_core.plugins import get_manager
+
+    assert get_manager().get("preproc", "c4_gptq", "calib.preproc") is RandomWindow
+    assert get_manager().get("preproc", "general", "calib.preproc") is TxtGeneral
+
+
+def chat_tokenizer():
+    tok = word_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    return tok
+
+
+def conversations(n: int) -> list[str]:
+    out = []
+    for k in range(n):
+        messages = [{"role": "user", "content": f"w{40 + k} the quick fox"}, {"role": "assistant", "content": "a lazy dog " * (k % 5 + 1)}]
+        out.append(json.dumps(messages if k % 2 else {"messages": messages, "prompt_id": str(k)}))
+    return out
+
+
+def test_ultrachat_general_renders_the_chat_template_and_cuts_to_seq_len():
+    rows, tok = conversations(12), chat_tokenizer()
+    samples = UltrachatGeneral().samples(rows, tok, n_samples=8, seq_len=10, seed=42)
+    order = hf_shuffle_order(12, 42)[:8]
+    for s, k in zip(samples, order):
+        messages = json.loads(rows[k])
+        messages = messages["messages"] if isinstance(messages, dict) else messages
+        text = "".join(f"{m['role']} {m['content']} </s> " for m in messages)
+        assert s[0].tolist() == tok(text, add_special_tokens=False)["input_ids"][:10]
+    assert 2 in samples[0][0].tolist()  # the template's </s> after the user turn
+    assert {s.shape[1] for s in samples} == {10}  # every conversation is longer than 10 tokens: cut
+    short = UltrachatGeneral().samples(rows, tok, n_samples=8, seq_len=64, seed=42)
+    assert len({s.shape[1] for s in short}) > 1  # not padded
+
+
+def test_ultrachat_general_refusals():
+    rows, tok = conversations(4), chat_tokenizer()
+    with pytest.raises(LlmcError, match="this tokenizer has none"):
+        UltrachatGeneral().samples(rows, word_tokenizer(), n_samples=2, seq_len=16, seed=0)
+    with pytest.raises(LlmcError, match="needs 5, but the data has only 4"):
+        UltrachatGeneral().samples(rows, tok, n_samples=5, seq_len=16, seed=0)
+    with pytest.raises(LlmcError, match=r"row 2 is not a JSON list of \{\"role\", \"content\"\} messages") as exc:
+        UltrachatGeneral().samples(rows[:2] + ["plain text, not a conversation"] + rows[3:], tok, n_samples=4, seq_len=16, seed=0)
+    assert len(exc.value.problems) == 1
+
+
+def test_ultrachat_dataset_gives_conversations_as_json_rows(tmp_path, fake_hub):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    f = tmp_path / "ultrachat.jsonl"
+    f.write_text(json.dumps({"prompt": "hi", "messages": messages}) + "\n")
+    (row,) = UltraChat().load_rows(str(f), False, "calib")
+    assert json.loads(row) == messages
+    UltraChat().read_rows(None, True, "calib", "calib.path")
+    assert fake_hub == [(("HuggingFaceH4/ultrachat_200k",), {"split": "train_sft"})]
+
+
+@pytest.mark.parametrize("bs", [-1, 2])
+def test_variable_length_recipes_need_bs_1_before_the_model_loads(bs, tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    from llmc_core.run import Run
+    from llmc_core.testing import run_cli, run_config, write_config
+
+    cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", method="gptq")
+    cfg["calib"].update(preproc="pileval_smooth", bs=bs)
+
+    def no_load(self):
+        raise AssertionError("the model was loaded before calib.bs was checked")
+
+    monkeypatch.setattr(Run, "load_model", no_load)
+    res = run_cli("run", str(write_config(tmp_path / "cfg.yml", cfg)))
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("llmc:")]
+    assert res.exit_code == 2 and len(errors) == 1, res.stderr
+    assert errors[0].startswith(f"llmc: calib.bs: {bs} joins samples") and "pileval_smooth" in errors[0] and "calib.bs: 1" in errors[0]
+
+
+def test_pileval_smooth_runs_gptq_with_samples_of_different_lengths(tiny_model_dir, tiny_text_file, tmp_path):
+    from llmc_core.testing import read_results, run_cli, run_config, write_config
+
+    cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", method="gptq", eval_pos=["fake_quant"])
+    cfg["calib"].update(preproc="pileval_smooth", bs=1, n_samples=6, seq_len=40)
+    rows = Custom().load_rows(str(tiny_text_file), False, "calib")
+    assert len({s.shape[1] for s in PilevalSmooth().samples(rows, word_tokenizer(), 6, 40, 0)}) > 1  # the run sees several lengths
+    res = run_cli("run", str(write_config(tmp_path / "cfg.yml", cfg)))
+    assert res.exit_code == 0, res.stderr
+    assert read_results(tmp_path / "out")
 
 
 def test_real_c4_sample_and_wikitext(shared_data):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from llmc_core.api import Dataset
@@ -50,22 +51,27 @@ class _JsonLines(Dataset):
     """JSON lines with a ``text`` field (``.jsonl``, ``.json``, ``.jsonl.zst``), a folder of them,
     or a ``save_to_disk`` folder."""
 
-    hub: tuple = ()
+    field = "text"  # the column read
+    splits = {"calib": "train", "eval": "validation"}  # the split of a save_to_disk folder
 
     def load_rows(self, path, download, purpose):
         if path and Path(path).exists():
             p = Path(path)
             if is_saved_dataset(p):
-                return saved_dataset_rows(p, "validation" if purpose == "eval" else "train")
+                return self.to_rows(saved_dataset_rows(p, self.splits[purpose], self.field))
             files = sorted(f for f in p.iterdir() if f.name.endswith((".jsonl", ".json", ".jsonl.zst", ".json.zst"))) if p.is_dir() else [p]
             if not files:
                 raise LlmcError(f"{self.name}: {p} holds no .jsonl / .jsonl.zst files.")
-            return [t for f in files for t in jsonl_texts(f)]
+            return self.to_rows(t for f in files for t in jsonl_texts(f, self.field))
         if download:
             args, kwargs = self.hub_args(purpose)
-            return hub_rows(args, kwargs)
+            return self.to_rows(hub_rows(args, kwargs, self.field))
         _need_path(path, self.name)
         return []
+
+    def to_rows(self, values) -> list[str]:
+        """The field's values as rows of text."""
+        return list(values)
 
     def hub_args(self, purpose: str) -> tuple[tuple, dict]:
         raise NotImplementedError
@@ -89,6 +95,25 @@ class PileVal(_JsonLines):
 
     def hub_args(self, purpose):
         return ("mit-han-lab/pile-val-backup",), {"split": "validation"}
+
+
+class UltraChat(_JsonLines):
+    """UltraChat 200k (HuggingFaceH4/ultrachat_200k), the conversations ``ultrachat_general``
+    renders with the chat template: each row is one conversation's ``messages`` as JSON text.
+
+    Reads JSON lines with ``messages`` or a ``save_to_disk`` folder (split ``train_sft`` for
+    calibration, ``test_sft`` for evaluation); the hub download reads the same splits.
+    """
+
+    name = "ultrachat"
+    field = "messages"
+    splits = {"calib": "train_sft", "eval": "test_sft"}
+
+    def hub_args(self, purpose):
+        return ("HuggingFaceH4/ultrachat_200k",), {"split": self.splits[purpose]}
+
+    def to_rows(self, values):
+        return [json.dumps(v, ensure_ascii=False) for v in values]
 
 
 class Custom(Dataset):
