@@ -239,6 +239,7 @@ class Saver(Plugin):
 
     folder: ClassVar[str] = ""
     position: ClassVar[str] = "fake_quant"  # "transformed" or "fake_quant"
+    keeps_qparams: ClassVar[bool] = False  # its folder holds what ``llmc export`` rebuilds the quantized layers from
 
     @classmethod
     def accepts(cls, scheme: Scheme) -> list[str]:

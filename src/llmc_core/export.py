@@ -18,7 +18,6 @@ from llmc_core.state import ModelState
 
 log = logging.getLogger("llmc")
 
-FAKE_FOLDER = "fake_quant_model"
 
 
 ExportState = ModelState  # what a saver reads of a run (model, tokenizer, quantized), rebuilt from disk
@@ -30,6 +29,7 @@ class ExportConfig:
     ``quant``, ``save`` or method section (the run that wrote the folder was validated already)."""
 
     weight: Any
+    scheme: Any = None
     quant: Any = None
     save: Any = None
     special: Any = None
@@ -40,8 +40,10 @@ class ExportConfig:
 
 
 def export_targets(manager: Any) -> list[str]:
-    """Saver names ``--to`` accepts: every ``fake_quant`` saver but ``fake`` itself."""
-    return [n for n in manager.names("saver") if n != "fake" and manager.get("saver", n, "--to").position == "fake_quant"]
+    """Saver names ``--to`` accepts: every ``fake_quant`` saver but the one export reads from
+    (the saver whose folder keeps the quantization parameters, ``Saver.keeps_qparams``)."""
+    savers = [manager.get("saver", n, "--to") for n in manager.names("saver")]
+    return [s.name for s in savers if s.position == "fake_quant" and not s.keeps_qparams]
 
 
 def export(save_path: str | Path, to: str, overwrite: bool = False, manager: Any = None) -> Path:
@@ -55,16 +57,20 @@ def export(save_path: str | Path, to: str, overwrite: bool = False, manager: Any
     if to.lower() not in targets:
         raise LlmcError(f"--to {to}: llmc exports to {', '.join(targets)} (savers of quantized weights; 'llmc plugins' lists them).")
     saver_cls = manager.get("saver", to, "--to")
-    fake = save_path / FAKE_FOLDER
+    source = next(manager.get("saver", n, "--to") for n in manager.names("saver") if manager.get("saver", n, "--to").keeps_qparams)
+    fake = save_path / source.folder
     if not (fake / "config.json").is_file():
-        raise LlmcError(f"{save_path}: no {FAKE_FOLDER}/ with a config.json; give the save_path of a run that had save.save_fake: true.")
+        raise LlmcError(f"{save_path}: no {source.folder}/ with a config.json; give the save_path of a run that had save.save_{source.name}: true.")
     target = save_path / saver_cls.folder
     if target.exists() and not overwrite:
         raise LlmcError(f"{target} already exists; llmc never overwrites a folder silently. Remove it or pass --overwrite.")
     state = load_fake_folder(fake)
     spec = next(iter(state.quantized.values())).spec
+    refusals = saver_cls.accepts(state.scheme)  # the same refusals as in a run's config validation
+    if refusals:
+        raise LlmcError(*(f"--to {to}: {p}" for p in refusals))
     saver = saver_cls()
-    saver.check(ExportConfig(weight=spec))  # the same refusals as in a run's config validation
+    saver.check(ExportConfig(weight=spec, scheme=state.scheme))
     with atomic_folder(target, overwrite=overwrite) as tmp:
         saver.save(state, str(tmp))
     log.info("exported %s model to %s (%d quantized layers, %s)", saver_cls.name, target, len(state.quantized), spec.describe())
@@ -75,7 +81,7 @@ def load_fake_folder(folder: Path) -> ModelState:
     """The model (in its saved dtype), tokenizer and quantized layers of a ``fake_quant_model``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmc_core.quant.stored import read_quantized
+    from llmc_core.quant.stored import read_quantized, read_scheme
 
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=False).eval()
@@ -87,5 +93,6 @@ def load_fake_folder(folder: Path) -> ModelState:
         raise LlmcError(f"{folder}: the run quantized no layer, so there is nothing to export.")
     tokenizer = None
     if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    return ModelState(model, tokenizer, quantized)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    scheme, act_scales, kv_scales = read_scheme(folder)
+    return ModelState(model, tokenizer, quantized, scheme=scheme, act_scales=act_scales, kv_scales=kv_scales)

@@ -58,6 +58,10 @@ class Run:
         self.device: Any = None
         self.cache: dict[Any, Any] = {}  # e.g. tokenized eval text, shared by positions
 
+    @property
+    def scheme(self) -> Any:
+        return self.config.scheme
+
     # -- stages --------------------------------------------------------------------------------
 
     @contextmanager

@@ -48,6 +48,9 @@ class RunState(Protocol):
     layer_errors: LayerErrors  # per-layer quantization error, for the report
     stages: list[dict[str, Any]]  # ``{stage, seconds, peak_rss_mb[, peak_cuda_mb]}`` per finished stage (each peak the stage's own)
     checkpoint: Any  # the block checkpoint (``llmc_core.checkpoint``), a do-nothing one without
+    scheme: Any  # the run's ``llmc_core.quant.scheme.Scheme`` (weights, activations, KV cache), None without quant
+    act_scales: dict[str, Any]  # full layer name -> calibrated static input scale (static activation schemes)
+    kv_scales: dict[str, dict[str, Any]]  # attention module name -> {"k": scale, "v": scale} (static KV cache)
 
 
 @dataclass
@@ -71,3 +74,6 @@ class ModelState:
     layer_errors: Any = None
     stages: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: Any = None
+    scheme: Any = None
+    act_scales: dict[str, Any] = field(default_factory=dict)
+    kv_scales: dict[str, dict[str, Any]] = field(default_factory=dict)

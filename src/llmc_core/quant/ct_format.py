@@ -33,15 +33,29 @@ from typing import Any
 
 from llmc_core.errors import LlmcError
 
-BITS = (4, 8)  # what vLLM's WNA16 kernels (and SGLang's) run; the folder is meant for them
+BITS = (4, 8)  # the integer widths vLLM's kernels run (WNA16, W8A8, W4A8); the folder is meant for them
 INSTALL = "pip install 'llmc[vllm]' (or pip install compressed-tensors)"
+_STRATEGY = {"per_tensor": "tensor", "per_channel": "channel", "per_group": "group", "per_block": "block", "per_token": "token"}
 
 
-def ct_problems(bit: int, granularity: str, group_size: int | None) -> list[str]:
-    """Why a weight spec cannot be written as a pack-quantized folder (empty list: it can)."""
-    if bit not in BITS:
-        return [f"the compressed-tensors export holds 4- or 8-bit weights, the widths vLLM's WNA16 kernels run (quant.weight.bit is {bit})"]
-    return []
+def ct_problems(scheme: Any) -> list[str]:
+    """Why a scheme cannot be written as a compressed-tensors folder (empty list: it can)."""
+    out = []
+    w, a, kv = scheme.weight, scheme.act, scheme.kv
+    if not w.is_float and w.bit not in BITS:
+        out.append(f"the compressed-tensors export holds 4- or 8-bit integer weights, the widths vLLM's kernels run (quant.weight.bit is {w.bit})")
+    for where, spec in (("quant.weight", w), ("quant.act", a), ("quant.kvcache", kv)):
+        if spec is not None and spec.is_float and spec.bit == "e5m2":
+            out.append(f"{where}: compressed-tensors' FP8 is E4M3; use bit: e4m3")
+        if spec is not None and spec.bit == "e2m1" and spec.fp4_kind is None:
+            out.append(f"{where}: FP4 is stored as NVFP4 (scale_dtype e4m3, group_size 16) or MXFP4 (scale_dtype e8m0, group_size 32)")
+        if spec is not None and spec.fp4_kind == "nvfp4" and spec.group_size != 16 or spec is not None and spec.fp4_kind == "mxfp4" and spec.group_size != 32:
+            out.append(f"{where}: compressed-tensors stores NVFP4 with group_size 16 and MXFP4 with group_size 32")
+    if a is not None and not a.is_float and a.bit != 8:
+        out.append(f"quant.act: vLLM's integer activation kernels take 8 bits (quant.act.bit is {a.bit})")
+    if kv is not None and (kv.granularity != "per_tensor" or not (kv.is_float or kv.bit == 8)):
+        out.append("quant.kvcache: vLLM's KV cache scheme is per-tensor static scales (k_scale, v_scale) of FP8 or INT8; use granularity: per_tensor")
+    return out
 
 
 def missing_package() -> str | None:
@@ -51,16 +65,47 @@ def missing_package() -> str | None:
     return None
 
 
-def weight_args(spec: Any) -> dict[str, Any]:
-    """compressed-tensors ``QuantizationArgs`` fields for a ``QuantSpec``."""
-    group = spec.granularity == "per_group"
-    return {"num_bits": spec.bit, "type": "int", "symmetric": spec.symmetric, "strategy": "group" if group else "channel", "group_size": spec.group_size if group else None}
+def ct_args(spec: Any, activation: bool = False) -> Any:
+    """compressed-tensors ``QuantizationArgs`` for one llmc ``QuantSpec`` (weights, or activations / KV)."""
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs
+
+    kind = spec.fp4_kind
+    fields: dict[str, Any] = {"num_bits": spec.num_bits, "type": "float" if spec.is_float else "int", "symmetric": spec.symmetric}
+    fields["strategy"] = "tensor_group" if kind == "nvfp4" else _STRATEGY[spec.granularity]
+    if spec.granularity == "per_group":
+        fields["group_size"] = spec.group_size
+    if spec.granularity == "per_block":
+        fields["block_structure"] = list(spec.block_size)
+    if kind is not None:
+        dtype = torch.float8_e4m3fn if kind == "nvfp4" else torch.uint8
+        fields.update(scale_dtype=dtype, zp_dtype=dtype)
+    if activation:
+        fields["dynamic"] = "local" if kind == "nvfp4" else not spec.static
+        if spec.static:
+            fields["observer"] = "static_minmax" if kind == "nvfp4" else "minmax"
+    else:
+        fields["dynamic"] = False
+    return QuantizationArgs(**fields)
 
 
-def _scheme(spec: Any) -> Any:
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+def ct_scheme(scheme: Any) -> Any:
+    """The ``QuantizationScheme`` (targets: Linear) of a llmc :class:`~llmc_core.quant.scheme.Scheme`."""
+    from compressed_tensors.quantization import QuantizationScheme
 
-    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weight_args(spec)))
+    act = ct_args(scheme.act, activation=True) if scheme.act is not None else None
+    return QuantizationScheme(targets=["Linear"], weights=ct_args(scheme.weight), input_activations=act)
+
+
+def compressor_for(scheme: Any) -> tuple[Any, Any, str]:
+    """``(compressor class, QuantizationScheme, format name)``, as compressed-tensors itself picks them."""
+    import torch
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.format import infer_module_format
+
+    cts = ct_scheme(scheme)
+    fmt = infer_module_format(torch.nn.Linear, cts)
+    return BaseCompressor.get_value_from_registry(fmt.value), cts, fmt.value
 
 
 def signed_parts(qw: Any, name: str = "layer") -> tuple[Any, Any, Any]:
@@ -70,15 +115,7 @@ def signed_parts(qw: Any, name: str = "layer") -> tuple[Any, Any, Any]:
     import torch
 
     spec = qw.spec
-    g_idx = getattr(qw, "g_idx", None)  # GPTQ act-order: which group each input column uses
-    if g_idx is not None:
-        trivial = spec.granularity == "per_group" and torch.equal(g_idx.cpu().long(), torch.arange(qw.codes.shape[1]) // spec.group_size)
-        if not trivial:
-            raise LlmcError(
-                f"{name}: the layer carries a GPTQ act-order group index (g_idx) whose groups are not consecutive columns; "
-                "compressed-tensors dropped that form (actorder 'group', weight_g_idx), so vLLM cannot load it. "
-                "Quantize with GPTQ's static groups (actorder 'weight'), or save it with save_fake."
-            )
+    _check_g_idx(qw, name)
     out_f = qw.codes.shape[0]
     offset = 0 if spec.symmetric else 2 ** (spec.bit - 1)
     scales = qw.scales.detach().cpu().float().reshape(qw.scales.shape[0], -1)
@@ -89,25 +126,67 @@ def signed_parts(qw: Any, name: str = "layer") -> tuple[Any, Any, Any]:
     return codes, scales, (zeros - offset).to(torch.int8)
 
 
-def compress_layer(qw: Any, name: str = "layer") -> dict[str, Any]:
-    """One layer's compressed tensors (local names: ``weight_packed``, ``weight_scale``, ...)."""
+def _check_g_idx(qw: Any, name: str) -> None:
     import torch
-    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor, unpack_from_int32
 
     spec = qw.spec
-    problems = ct_problems(spec.bit, spec.granularity, spec.group_size)
+    g_idx = getattr(qw, "g_idx", None)  # GPTQ act-order: which group each input column uses
+    if g_idx is None:
+        return
+    trivial = spec.granularity == "per_group" and torch.equal(g_idx.cpu().long(), torch.arange(qw.codes.shape[1]) // spec.group_size)
+    if not trivial:
+        raise LlmcError(
+            f"{name}: the layer carries a GPTQ act-order group index (g_idx) whose groups are not consecutive columns; "
+            "compressed-tensors dropped that form (actorder 'group', weight_g_idx), so vLLM cannot load it. "
+            "Quantize with GPTQ's static groups (actorder 'weight'), or save it with save_fake."
+        )
+
+
+def _layer_state(qw: Any, name: str) -> dict[str, Any]:
+    """What a compressor takes: the exact float32 weight llmc computed (it re-derives the codes)
+    with the scale (and zero point, global scale) in compressed-tensors' shapes and conventions."""
+    import torch
+
+    spec = qw.spec
+    if not spec.is_float:
+        codes, scales, zeros = signed_parts(qw, name)
+        cols = scales.shape[1]
+        group = codes.shape[1] // cols
+        weight = (codes.float() - zeros.float().repeat_interleave(group, dim=1)) * scales.repeat_interleave(group, dim=1)
+        return {"weight": weight, "weight_scale": scales, "weight_zero_point": zeros}
+    _check_g_idx(qw, name)
+    weight = qw.dequantize(torch.float32).cpu()
+    scales = qw.scales.detach().cpu().float()
+    if spec.granularity == "per_tensor":
+        scales = scales.reshape(1)
+    if spec.fp4_kind == "nvfp4":  # the FP8 group scales themselves, under the global scale
+        gs = qw.global_scale.detach().cpu().float().reshape(1)
+        fp8 = (scales * gs).to(torch.float8_e4m3fn).float()  # exact FP8 values, float32: the compressor casts them
+        return {"weight": weight, "weight_scale": fp8, "weight_global_scale": gs}
+    return {"weight": weight, "weight_scale": scales}
+
+
+def compress_layer(qw: Any, name: str = "layer", scheme: Any = None) -> dict[str, Any]:
+    """One layer's compressed tensors (local names: ``weight_packed`` or ``weight``,
+    ``weight_scale``, ...), by compressed-tensors' own compressor for the scheme; what it wrote is
+    decompressed again and compared with llmc's weight (a mismatch is an error, not a warning)."""
+    import torch
+
+    from llmc_core.quant.scheme import Scheme
+
+    scheme = scheme or Scheme(qw.spec)
+    problems = ct_problems(scheme)
     if problems:
         raise LlmcError(*(f"{name}: {p}." for p in problems))
-    codes, scales, zeros = signed_parts(qw, name)
-    scheme = _scheme(spec)
-    cols = scales.shape[1]
-    group = codes.shape[1] // cols
-    # the exact weight llmc computed, in float32, from which the package re-derives the codes
-    weight = (codes.float() - zeros.float().repeat_interleave(group, dim=1)) * scales.repeat_interleave(group, dim=1)
-    state = {"weight": weight, "weight_scale": scales, "weight_zero_point": zeros}
-    out = dict(PackedQuantizationCompressor.compress(state, scheme))
-    if not torch.equal(unpack_from_int32(out["weight_packed"], spec.bit, codes.shape), codes):
-        raise RuntimeError(f"{name}: compressed-tensors packed integer codes that differ from llmc's; please report this as a bug.")
+    compressor, cts, _ = compressor_for(scheme)
+    state = _layer_state(qw, name)
+    out = dict(compressor.compress(dict(state), cts))
+    back = dict(out)
+    if "weight_packed" in back and "weight_shape" not in back:
+        back["weight_shape"] = torch.tensor(state["weight"].shape)
+    restored = compressor.decompress(back, cts)["weight"]  # in the compressor's dtype (bfloat16 for FP4)
+    if not torch.equal(restored, state["weight"].to(restored.dtype)):
+        raise RuntimeError(f"{name}: compressed-tensors stored a weight that decompresses to other values than llmc's ({(restored - state['weight']).abs().max():.3g} apart); please report this as a bug.")
     return out
 
 
@@ -128,21 +207,27 @@ def check_plain_linears(model: Any, quantized: Mapping[str, Any], where: str) ->
             )
 
 
-def quantization_config(spec: Any, ignore: list[str]) -> Any:
+def quantization_config(scheme: Any, ignore: list[str]) -> Any:
     """The compressed-tensors ``QuantizationConfig`` of the folder."""
     from compressed_tensors.quantization import QuantizationConfig
 
-    return QuantizationConfig(config_groups={"group_0": _scheme(spec)}, format="pack-quantized", ignore=ignore, quantization_status="compressed")
+    _, cts, fmt = compressor_for(scheme)
+    kv = ct_args(scheme.kv, activation=True) if scheme.kv is not None else None
+    return QuantizationConfig(config_groups={"group_0": cts}, format=fmt, kv_cache_scheme=kv, ignore=ignore, quantization_status="compressed")
 
 
-def write_ct_folder(model: Any, quantized: Mapping[str, Any], folder: str | Path, tokenizer: Any = None, where: str = "save.save_vllm") -> dict[str, Any]:
-    """Save ``model`` with the layers in ``quantized`` (full name -> ``QuantizedWeight``) compressed.
+def write_ct_folder(model: Any, quantized: Mapping[str, Any], folder: str | Path, tokenizer: Any = None, where: str = "save.save_vllm", scheme: Any = None, act_scales: Mapping[str, Any] | None = None, kv_scales: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Save ``model`` with the layers in ``quantized`` (full name -> ``QuantizedWeight``) compressed
+    under ``scheme`` (default: the layers' weight spec alone), with the static activation scales
+    (``<layer>.input_scale``, NVFP4: ``<layer>.input_global_scale``) and KV cache scales
+    (``<attention>.k_scale`` / ``v_scale``) the scheme needs.
 
     ``model`` is left as it was. Returns the ``quantization_config`` written to ``config.json``.
     """
     import json
 
     from llmc_core.quant.awq_format import unquantized_linears
+    from llmc_core.quant.scheme import Scheme
 
     missing = missing_package()
     if missing:
@@ -156,17 +241,36 @@ def write_ct_folder(model: Any, quantized: Mapping[str, Any], folder: str | Path
     if len(specs) > 1:
         raise LlmcError(f"{where}: llmc writes one compressed-tensors scheme per model, but the layers were quantized with {len(specs)} settings. Use save_fake instead.")
     spec = next(iter(quantized.values())).spec
-    problems = ct_problems(spec.bit, spec.granularity, spec.group_size)
+    scheme = Scheme(spec) if scheme is None else scheme
+    problems = ct_problems(scheme)
     if problems:
         raise LlmcError(*(f"{where}: {p}. Use save.save_fake instead." for p in problems))
+    act_scales, kv_scales = act_scales or {}, kv_scales or {}
     state = dict(model.state_dict())
     for name, qw in quantized.items():
         del state[f"{name}.weight"]
-        state.update({f"{name}.{key}": tensor for key, tensor in compress_layer(qw, name).items()})
+        state.update({f"{name}.{key}": tensor for key, tensor in compress_layer(qw, name, scheme).items()})
+        if scheme.act is not None and scheme.act.static:
+            if name not in act_scales:
+                raise LlmcError(f"{where}: {name} has no calibrated activation scale; the run did not observe it. Report this with the config.")
+            key = "input_global_scale" if scheme.act.fp4_kind == "nvfp4" else "input_scale"
+            value = _act_global(act_scales[name]) if key == "input_global_scale" else act_scales[name]
+            state[f"{name}.{key}"] = value.detach().float().cpu().reshape(1)
+    if scheme.kv is not None:
+        for attn, scales in kv_scales.items():
+            for kv in ("k", "v"):
+                state[f"{attn}.{kv}_scale"] = scales[kv].detach().float().cpu().reshape(1)
     folder = Path(folder)
     model.save_pretrained(folder, state_dict=state, safe_serialization=True)
-    qcfg = quantization_config(spec, unquantized_linears(model, quantized))
+    qcfg = quantization_config(scheme, unquantized_linears(model, quantized))
     ModelCompressor(quantization_config=qcfg).update_config(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return json.loads((folder / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+
+
+def _act_global(amax: Any) -> Any:
+    """NVFP4 activations: the observed ``max |x|`` as compressed-tensors' global scale."""
+    from llmc_core.quant.floats import nvfp4_global_scale
+
+    return nvfp4_global_scale(amax.float().reshape(1))

@@ -64,9 +64,9 @@ def recover_codes(weight: Any, qw: Any) -> Any:
     return q.to(codes_dtype(spec))
 
 
-def write_qparams(folder: str | Path, model: Any, quantized: Mapping[str, Any]) -> dict[str, Any]:
-    """Write ``llmc_qparams.safetensors`` for ``model``'s quantized layers; return what
-    ``llmc_quant.json`` should say about it."""
+def write_qparams(folder: str | Path, model: Any, quantized: Mapping[str, Any], act_scales: Mapping[str, Any] | None = None, kv_scales: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Write ``llmc_qparams.safetensors`` for ``model``'s quantized layers (and the static
+    activation / KV cache scales); return what ``llmc_quant.json`` should say about it."""
     import torch
     from safetensors.torch import save_file
 
@@ -87,6 +87,10 @@ def write_qparams(folder: str | Path, model: Any, quantized: Mapping[str, Any]) 
         if not _same(recover_codes(weight, qw), qw.codes):
             tensors[f"{name}.codes"] = qw.codes.detach().cpu().contiguous()
             need_codes.append(name)
+    for name, scale in (act_scales or {}).items():
+        tensors[f"{name}.input_scale"] = scale.detach().float().cpu().reshape(1).contiguous()
+    for name, kv in (kv_scales or {}).items():
+        tensors.update({f"{name}.{k}_scale": v.detach().float().cpu().reshape(1).contiguous() for k, v in kv.items()})
     save_file(tensors, str(Path(folder) / QPARAMS_FILE))
     return {"qparams": QPARAMS_FILE, "codes_stored": need_codes}
 
@@ -137,3 +141,29 @@ def _same(a: Any, b: Any) -> bool:
     if a.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or b.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         a, b = a.float(), b.float()
     return a.shape == b.shape and torch.equal(a.cpu(), b.cpu().to(a.dtype))
+
+
+def read_scheme(folder: str | Path) -> tuple[Any, dict[str, Any], dict[str, dict[str, Any]]]:
+    """``(scheme, act_scales, kv_scales)`` of a ``fake_quant_model`` folder: the whole scheme when
+    ``llmc_quant.json`` keeps one (activations, KV cache), else the weight spec alone."""
+    from safetensors.torch import load_file
+
+    from llmc_core.quant.scheme import Scheme
+    from llmc_core.quant.spec import KvSpec, QuantSpec
+
+    folder = Path(folder)
+    info = json.loads((folder / INFO_FILE).read_text(encoding="utf-8"))
+    raw = info.get("scheme")
+    if raw is None:
+        return Scheme(QuantSpec.model_validate(info["weight"])), {}, {}
+    scheme = Scheme(QuantSpec.model_validate(raw["weight"]), QuantSpec.model_validate(raw["act"]) if raw.get("act") else None, KvSpec.model_validate(raw["kvcache"]) if raw.get("kvcache") else None, raw.get("preset"))
+    tensors = load_file(str(folder / QPARAMS_FILE))
+    act = {k.removesuffix(".input_scale"): v for k, v in tensors.items() if k.endswith(".input_scale")}
+    kv: dict[str, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        for which in ("k", "v"):
+            if k.endswith(f".{which}_scale"):
+                kv.setdefault(k.removesuffix(f".{which}_scale"), {})[which] = v
+    if scheme.act is not None and scheme.act.static and set(act) != set(info["quantized_layers"]):
+        raise LlmcError(f"{folder}: {INFO_FILE} names a static activation scheme but {QPARAMS_FILE} lacks the input scales of some layers; save it again from the run.")
+    return scheme, act, kv

@@ -7,7 +7,14 @@ from llmc_core.errors import LlmcError
 
 
 class SaveVllm(Saver):
-    """Real int4/int8 weights in the compressed-tensors pack-quantized format, served by vLLM and SGLang.
+    """The quantized model as a compressed-tensors checkpoint, served by vLLM and SGLang.
+
+    Every scheme compressed-tensors can express, in the format it names for it (its own format
+    inference and compressors do the writing): ``pack-quantized`` (W4A16 / W8A16 integers),
+    ``int-quantized`` (INT8 W8A8, W4A8, W4AFP8), ``float-quantized`` (FP8 per-tensor, per-channel,
+    per-block; dynamic or static activations), ``nvfp4-pack-quantized`` and ``mxfp4-pack-quantized``;
+    static activation scales as ``input_scale`` (NVFP4: ``input_global_scale``), the KV cache as
+    ``kv_cache_scheme`` with ``k_scale`` / ``v_scale`` per attention. Before schemes it wrote:
 
     Writes ``save_path/vllm_quant_model/``, which ``vllm serve save_path/vllm_quant_model`` runs:
     per quantized linear layer ``weight_packed`` / ``weight_scale`` / ``weight_shape`` (+
@@ -25,20 +32,20 @@ class SaveVllm(Saver):
     folder = "vllm_quant_model"
     position = "fake_quant"
 
-    def check(self, run_config):
-        from llmc_core.quant.ct_format import ct_problems, missing_package
+    @classmethod
+    def accepts(cls, scheme):
+        from llmc_core.quant.ct_format import ct_problems
 
-        problems = []
+        return [f"{p}. Save the fake-quantized model with save.save_fake instead, or change the scheme." for p in ct_problems(scheme)]
+
+    def check(self, run_config):
+        from llmc_core.quant.ct_format import missing_package
+
         missing = missing_package()
         if missing:
-            problems.append(f"save.save_vllm: {missing}.")
-        spec = run_config.weight
-        if spec is not None:
-            problems += [f"save.save_vllm: {p}. Save the fake-quantized model with save.save_fake instead, or change quant.weight." for p in ct_problems(spec.bit, spec.granularity, spec.group_size)]
-        if problems:
-            raise LlmcError(*problems)
+            raise LlmcError(f"save.save_vllm: {missing}.")
 
     def save(self, state, folder):
         from llmc_core.quant.ct_format import write_ct_folder
 
-        write_ct_folder(state.model, state.quantized, folder, state.tokenizer)
+        write_ct_folder(state.model, state.quantized, folder, state.tokenizer, scheme=getattr(state, "scheme", None), act_scales=getattr(state, "act_scales", None), kv_scales=getattr(state, "kv_scales", None))
