@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from llmc_core import hookimpl
 from llmc_core.config import validate
 from llmc_core.errors import LlmcError
 from llmc_core.quant.scheme import PRESETS, Scheme
@@ -120,9 +121,11 @@ def test_activation_quantizers_live_from_fake_quant_and_not_at_transformed(tiny_
     assert _ppl(out, "fake_quant") != _ppl(tmp_path / "b" / "out", "fake_quant")
 
 
-def _independent_fake_quant(model, scheme, act_scales, weights=True):
+def _independent_fake_quant(model, scheme, act_scales, weights=True, layers=None, int_div=127.0):
     """A reference written here, apart from llmc's runner: quantize every decoder linear's weight
-    with llmc_core.quant, and its input with a per-token / static rule spelled out in the test."""
+    (or those named in ``layers``) with llmc_core.quant, and its input with a per-token / static
+    rule spelled out in the test. ``int_div``: a symmetric int8 per-token scale is ``max|x| /
+    int_div`` (127 in vLLM's kernels and llmc, 127.5 in compressed-tensors' own forward)."""
     from llmc_core.quant.fake import fake_quantize
 
     fp8 = torch.float8_e4m3fn
@@ -137,7 +140,7 @@ def _independent_fake_quant(model, scheme, act_scales, weights=True):
             q = (g / s).clamp(-448, 448).to(fp8).float()
             return (q * s).flatten(-2).to(x.dtype)
         else:
-            s = x32.abs().amax(dim=-1, keepdim=True) / (448.0 if spec.is_float else 127.0)
+            s = x32.abs().amax(dim=-1, keepdim=True) / (448.0 if spec.is_float else int_div)
             s = torch.where(s == 0, torch.finfo(torch.float32).eps, s)
         if spec.is_float:
             q = (x32 / s).clamp(-448, 448).to(fp8).float()
@@ -146,7 +149,7 @@ def _independent_fake_quant(model, scheme, act_scales, weights=True):
         return (q * s).to(x.dtype)
 
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+        if isinstance(mod, torch.nn.Linear) and (name in layers if layers is not None else ".layers." in name):
             if weights:
                 mod.weight.data = fake_quantize(mod.weight.data, scheme.weight)
             mod.register_forward_pre_hook(lambda m, args, name=name: (act(args[0], scheme.act, name),))
@@ -219,3 +222,74 @@ def test_gptq_runs_a_float_scheme_and_beats_rtn_on_the_layers(tiny_model_dir, co
         assert res.exit_code == 0, res.stderr
         results[method] = _ppl(tmp_path / method / "out", "fake_quant")
     assert results["gptq"] < results["rtn"], results
+
+
+# -- every family ---------------------------------------------------------------------------------
+
+FAMILY_TYPES = sorted(__import__("llmc_core.testing", fromlist=["FAMILY_CONFIGS"]).FAMILY_CONFIGS)
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+class _HookCounter:
+    """At each evaluation: how many quantized layers carry a forward pre-hook (the activation quantizer)."""
+
+    def __init__(self):
+        self.seen = {}
+
+    @staticmethod
+    def _count(run):
+        names = run.quantized or {n: None for n in run.adapter.named_quant_linears()}
+        hooks = (run.model.get_submodule(n)._forward_pre_hooks.values() for n in names)
+        return sum(1 for hs in hooks if any(getattr(h, "llmc_quantizer", None) is not None for h in hs))
+
+    @hookimpl
+    def llmc_evaluation_done(self, run, record):
+        self.seen[record.position] = self._count(run)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_every_family_quantizes_activations_from_fake_quant_on_and_exports_w8a8(model_type, corpus, tmp_path):
+    """Activation quantizers are on every quantized layer at fake_quant and on none at pretrain /
+    transformed; the KV cache is quantized (fake_quant moves with it); the W8A8 compressed-tensors
+    folder reloads in transformers + compressed-tensors to llmc's logits (int8 rounding apart)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmc_core import config
+    from llmc_core.run import Run
+    from llmc_core.testing import registered, save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model", model_type)
+    cfg = _cfg(tmp_path, folder, corpus, scheme="W8A8", save_vllm=True)
+    cfg["model"]["type"] = "auto"
+    if model_type in MOE:  # fused 3-D experts have no per-expert module to hook: refused before any work
+        with pytest.raises(LlmcError) as exc:
+            Run(config.validate(cfg)).execute()
+        assert any(line.startswith("quant.act:") and "experts" in line for line in exc.value.problems), exc.value.problems
+        return
+    counter = _HookCounter()
+    with registered(counter, name=f"hook-counter-{model_type}"):
+        run = Run(config.validate(cfg))
+        records = {r.position: r.value for r in run.execute()}
+    n = len(run.quantized)
+    assert n and counter.seen == {"pretrain": 0, "transformed": 0, "fake_quant": n}, counter.seen
+    assert records["transformed"] == pytest.approx(records["pretrain"], rel=1e-6)
+    ct = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "vllm_quant_model", dtype=torch.float32, trust_remote_code=False).eval()
+    scheme = run.config.scheme
+    ref = {d: _independent_fake_quant(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval(), scheme, {}, layers=set(run.quantized), int_div=d) for d in (127.0, 127.5)}
+    ids = torch.randint(4, 128, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours, theirs = run.model(input_ids=ids).logits, ct(input_ids=ids).logits
+        ref_llmc, ref_ct = ref[127.0](input_ids=ids).logits, ref[127.5](input_ids=ids).logits
+    torch.testing.assert_close(ours, ref_llmc, rtol=0, atol=1e-4)  # llmc's fake_quant: weights and activations as written here
+    torch.testing.assert_close(theirs, ref_ct, rtol=0, atol=1e-4)  # the folder, run by compressed-tensors: the same weights, its own scale rule
+
+
+def test_token_consistency_is_recorded_against_pretrain(tiny_model_dir, corpus, tmp_path):
+    cfg = _cfg(tmp_path, tiny_model_dir, corpus, weight={"bit": 2, "symmetric": True, "granularity": "per_channel"}, act={"bit": 4, "symmetric": True, "granularity": "per_token"}, eval_pos=("pretrain", "fake_quant"))
+    cfg["eval"]["eval_token_consist"] = True
+    res = run_cli("run", str(write_config(tmp_path / "c.yml", cfg)))
+    assert res.exit_code == 0, res.stderr
+    res = read_results(tmp_path / "out")
+    same = res[("fake_quant", "ppl", "custom", "token_consistency")]
+    assert 0.0 < same < 1.0  # W2A4 keeps some of a random tiny model's argmax tokens, not all
+    assert ("pretrain", "ppl", "custom", "token_consistency") not in res

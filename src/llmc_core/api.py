@@ -39,6 +39,7 @@ class Plugin:
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type[BaseModel]] = NoOptions
+    path_keys: ClassVar[tuple[str, ...]] = ()  # keys of its section holding file paths (``pkg:``, ``~`` expanded)
 
     @classmethod
     def summary(cls) -> str:

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 FOLDER = ".checkpoints"
 FORMAT = 2
-BASE_ATTRIBUTES = ("options", "weight", "log")  # what every Method has (api.Method.__init__)
+BASE_ATTRIBUTES = ("options", "weight", "log", "scheme")  # what every Method has (api.Method.__init__; scheme set by the runner)
 
 
 def fingerprint(config: RunConfig) -> str:

@@ -22,7 +22,7 @@ from llmc_core.paths import looks_like_hub_id
 from llmc_core.plugins import PluginManager, get_manager
 from llmc_core.quant.scheme import Scheme, expand_preset, scheme_problems
 from llmc_core.quant.spec import KvSpec, QuantSpec
-from llmc_core.yamlio import SECTIONS, apply_overrides, expand, read_yaml
+from llmc_core.yamlio import PATH_KEYS, SECTIONS, apply_overrides, expand, read_yaml
 
 __all__ = ["POSITIONS", "QUANTIZED_POSITIONS", "SECTIONS", "RunConfig", "apply_overrides", "load", "read_yaml", "validate"]
 
@@ -188,7 +188,7 @@ def validate(data: dict[str, Any], source: str = "<config>", manager: PluginMana
     ``resume``: the run continues an interrupted one, so its save_path may already hold files.
     """
     manager = manager or get_manager()
-    data = expand(data, "")
+    data = expand(data, "", (*PATH_KEYS, *manager.path_keys()))
     problems = _Problems()
     step_sections = {}
     for e in (e for e in manager.entries() if e.kind == "step"):

@@ -160,6 +160,10 @@ class PluginManager:
             raise unknown_name(KIND_LABELS.get(kind, kind), name, where, self.names(kind))
         return entry.cls
 
+    def path_keys(self) -> tuple[str, ...]:
+        """Every registered plugin's ``path_keys``: config keys whose values are file paths."""
+        return tuple(sorted({k for e in self.entries() for k in getattr(e.cls, "path_keys", ())}))
+
     def entries(self) -> list[Entry]:
         """Every registered class once (aliases collapsed), ordered by kind and name."""
         seen: dict[tuple[str, str], Entry] = {}

@@ -102,7 +102,7 @@ def environment(state: RunState | None = None) -> dict[str, str]:
 
 def _summary(state: RunState) -> list[str]:
     cfg = state.config
-    method = f"{cfg.quant.method} ({cfg.weight.describe()})" if cfg.quant is not None else "none (evaluation only)"
+    method = f"{cfg.quant.method} ({cfg.scheme.describe()})" if cfg.quant is not None else "none (evaluation only)"
     model = cfg.raw.get("model", {})
     lines = [
         f"- model: {model.get('type')} from `{model.get('path')}`",

@@ -258,14 +258,31 @@ class Run:
         log.info("activation quantizers on %d layers and KV cache quantizers where the scheme has them (%s)", len(self.quantized), scheme.describe())
 
     def _check_scheme_fits(self) -> None:
-        """Refuse a KV cache scheme on a model whose attention llmc cannot hook (fused QKV)."""
-        scheme = self.config.scheme
-        if scheme is None or scheme.kv is None:
-            return
-        from llmc_core.quant.act import attention_modules
+        """Refuse what the quantizers cannot reach, before any work: activations of layers that are
+        not modules (fused 3-D MoE experts), a KV cache without separate k_proj / v_proj (fused
+        QKV), an activation group size that does not divide a layer's input."""
+        import torch
 
-        if not attention_modules(self.model):
-            raise LlmcError("quant.kvcache: this model has no attention module with separate k_proj and v_proj layers (fused QKV), so llmc cannot quantize its KV cache; remove quant.kvcache.")
+        scheme = self.config.scheme
+        if scheme is None or scheme.weight_only:
+            return
+        linears = self.adapter.named_quant_linears()
+        problems = []
+        if scheme.act is not None:
+            fused = [n for n in linears if not isinstance(_submodule(self.model, n), torch.nn.Linear)]
+            if fused:
+                problems.append(f"quant.act: {fused[0]} (and {len(fused) - 1} more) are fused MoE experts (3-D weights, no module per expert), whose inputs llmc cannot quantize yet; quantize weights only (remove quant.act) for this model.")
+            g = scheme.act.group_size if scheme.act.granularity == "per_group" else None
+            bad = [n for n, lin in linears.items() if g and getattr(lin, "in_features", g) % g]
+            if bad:
+                problems.append(f"quant.act.group_size: {g} does not divide the input size of {bad[0]} (and {len(bad) - 1} more); choose a group size that divides every layer's input.")
+        if scheme.kv is not None:
+            from llmc_core.quant.act import attention_modules
+
+            if not attention_modules(self.model):
+                problems.append("quant.kvcache: this model has no attention module with separate k_proj and v_proj layers (fused QKV), so llmc cannot quantize its KV cache; remove quant.kvcache.")
+        if problems:
+            raise LlmcError(*problems)
 
     def quantize(self) -> None:
         """The quantize pass: the same block loop, with no inputs (nothing is computed but the weights)."""
@@ -351,3 +368,10 @@ class Run:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+
+
+def _submodule(model: Any, name: str) -> Any:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

@@ -14,7 +14,8 @@ from llmc_core.errors import ConfigSyntaxError, LlmcError
 from llmc_core.paths import expand_vars, resolve_package_path
 
 SECTIONS = ("base", "model", "calib", "eval", "quant", "save")  # and one per registered step (api.Step)
-PATH_KEYS = ("path", "tokenizer_path", "save_path", "cfg_path", "output_path", "scale_path", "clip_path", "python")
+# The core sections' path keys; a plugin names its own in ``Plugin.path_keys`` (e.g. AWQ's scale_path).
+PATH_KEYS = ("path", "tokenizer_path", "save_path")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -59,14 +60,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
             node[parts[-1]] = parsed
 
 
-def expand(node: Any, where: str) -> Any:
+def expand(node: Any, where: str, path_keys: tuple[str, ...] = PATH_KEYS) -> Any:
+    """``${VAR:-default}`` in every string; ``pkg:`` and ``~`` in the values of ``path_keys``."""
     if isinstance(node, dict):
-        return {k: expand(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+        return {k: expand(v, f"{where}.{k}" if where else str(k), path_keys) for k, v in node.items()}
     if isinstance(node, list):
-        return [expand(v, f"{where}.{i}") for i, v in enumerate(node)]
+        return [expand(v, f"{where}.{i}", path_keys) for i, v in enumerate(node)]
     if isinstance(node, str):
         value = expand_vars(node, where)
-        if where.rsplit(".", 1)[-1] in PATH_KEYS:
+        if where.rsplit(".", 1)[-1] in path_keys:
             value = str(Path(resolve_package_path(value, where)).expanduser()) if value else value
         return value
     return node

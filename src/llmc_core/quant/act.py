@@ -134,6 +134,7 @@ def _act_hook(spec: Any, scale: torch.Tensor | None) -> Callable[..., Any]:
         s = None if scale is None else scale.to(x.device)
         return (fake_quantize_act(x, spec, s), *args[1:])
 
+    hook.llmc_quantizer = spec  # type: ignore[attr-defined]  # marks llmc's activation quantizer (tests, debugging)
     return hook
 
 

@@ -208,9 +208,14 @@ def check_plain_linears(model: Any, quantized: Mapping[str, Any], where: str) ->
 
 
 def quantization_config(scheme: Any, ignore: list[str]) -> Any:
-    """The compressed-tensors ``QuantizationConfig`` of the folder."""
+    """The compressed-tensors ``QuantizationConfig`` of the folder (``scheme``: a ``Scheme``, or a
+    weight ``QuantSpec`` alone)."""
     from compressed_tensors.quantization import QuantizationConfig
 
+    from llmc_core.quant.scheme import Scheme
+
+    if not isinstance(scheme, Scheme):
+        scheme = Scheme(scheme)
     _, cts, fmt = compressor_for(scheme)
     kv = ct_args(scheme.kv, activation=True) if scheme.kv is not None else None
     return QuantizationConfig(config_groups={"group_0": cts}, format=fmt, kv_cache_scheme=kv, ignore=ignore, quantization_status="compressed")

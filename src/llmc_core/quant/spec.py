@@ -65,6 +65,8 @@ class QuantSpec(StrictModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        if str(data.get("bit")) == "48":
+            raise ValueError("bit: 48 is ModelTC's two-level weight format (int8 per channel, then int4 per group with 8-bit scales) for its W4A8 kernels, which llmc does not implement; use quant.scheme: W4A8 (int4 per-group weights, int8 per-token activations) or W4AFP8")
         if data.get("calib_algo") == "learnable":
             raise ValueError("calib_algo: learnable (OmniQuant-style learned clipping) is not implemented; use minmax or mse")
         bit = data.get("bit")

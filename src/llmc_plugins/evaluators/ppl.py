@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from llmc_core import hookimpl
 from llmc_core.api import Evaluator
@@ -22,12 +22,22 @@ class PplConfig(EvalSection):
     - ``num_samples``: evaluate only the first N windows (quick runs); default all.
     - ``inference_per_block``: run the model one block at a time on the device (for models that
       do not fit on it whole).
+    - ``eval_token_consist`` (ModelTC's key): also record ``token_consistency``, the share of
+      positions where the model's most likely next token is the one the ``pretrain`` model
+      predicted on the same windows (needs ``pretrain`` in ``eval_pos``, measured first).
     """
 
     bs: int = Field(default=1, gt=0)
     seq_len: int = Field(default=2048, gt=0)
     num_samples: int | None = Field(default=None, gt=0)
     inference_per_block: bool = False
+    eval_token_consist: bool = False
+
+    @model_validator(mode="after")
+    def _consistency_needs_pretrain(self) -> PplConfig:
+        if self.eval_token_consist and "pretrain" not in self.eval_pos:
+            raise ValueError("eval_token_consist compares each position's predictions with the pretrain model's; add pretrain to eval_pos")
+        return self
 
 
 class Perplexity(Evaluator):
@@ -53,15 +63,26 @@ class Perplexity(Evaluator):
         hidden_fn = _per_block_hidden if config.inference_per_block else _whole_model_hidden
         head = state.model.get_output_embeddings()
         nll, count = 0.0, 0
+        top = [] if config.eval_token_consist else None  # each position's most likely next token
         with torch.no_grad():
             from llmc_core.progress import progress
 
             for i in progress(range(0, n_windows, config.bs), desc=f"ppl {position}"):
                 batch = windows[i : i + config.bs].to(state.device)
-                nll += _sum_nll(hidden_fn(state, batch), batch, head, state.adapter.logits if state.adapter is not None else None)
+                nll += _sum_nll(hidden_fn(state, batch), batch, head, state.adapter.logits if state.adapter is not None else None, top)
                 count += batch[:, 1:].numel()
         ppl = math.exp(nll / count)
-        return [EvalRecord(position, self.name, config.name, "perplexity", ppl, round(time.perf_counter() - start, 2))]
+        seconds = round(time.perf_counter() - start, 2)
+        records = [EvalRecord(position, self.name, config.name, "perplexity", ppl, seconds)]
+        if top is not None:
+            predicted = torch.cat(top)  # the same order at every position
+            key = ("ppl_top1", config.name, config.path, config.seq_len, n_windows)
+            if position == "pretrain":
+                state.cache[key] = predicted
+            elif key in state.cache:
+                same = float((predicted == state.cache[key]).float().mean())
+                records.append(EvalRecord(position, self.name, config.name, "token_consistency", same, seconds))
+        return records
 
 
 def _token_ids(state, config):
@@ -78,10 +99,11 @@ def _token_ids(state, config):
 HEAD_CHUNK = 512
 
 
-def _sum_nll(hidden, batch, head, finish=None):
+def _sum_nll(hidden, batch, head, finish=None, top=None):
     """Summed next-token cross-entropy of ``batch`` from the final hidden states, ``HEAD_CHUNK``
     positions at a time; ``finish`` turns the head's output into the model's logits (the
-    adapter's ``logits``: Gemma's soft-capping)."""
+    adapter's ``logits``: Gemma's soft-capping). ``top`` (a list) collects each slice's argmax
+    tokens (flattened, on the CPU)."""
     import torch
 
     total = 0.0
@@ -91,6 +113,8 @@ def _sum_nll(hidden, batch, head, finish=None):
         logits = head(hidden[:, s:e])
         logits = (logits if finish is None else finish(logits)).float()
         total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, s + 1 : e + 1].reshape(-1), reduction="sum").item()
+        if top is not None:
+            top.append(logits.argmax(dim=-1).reshape(-1).cpu())
     return total
 
 

@@ -98,6 +98,7 @@ class LmEvalConfig(StrictModel):
 class LmEval(Step):
     """Downstream accuracy through lm-evaluation-harness, in process, on the in-memory model."""
 
+    path_keys = ("output_path",)
     name = "lm_eval"  # and the section it owns
     Config = LmEvalConfig
 

@@ -85,6 +85,7 @@ class OpenCompassConfig(StrictModel):
 class OpenCompass(Step):
     """Downstream accuracy through upstream OpenCompass, on the run's saved models."""
 
+    path_keys = ("cfg_path", "output_path", "python")
     name = "opencompass"  # and the section it owns
     Config = OpenCompassConfig
     # positions: the Step default, once after the savers (it evaluates the saved folders)

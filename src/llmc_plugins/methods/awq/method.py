@@ -166,6 +166,7 @@ class Awq(Method):
     ``online_rotate``; any other unknown key is an error too.
     """
 
+    path_keys = ("scale_path", "clip_path")
     name = "awq"
     Config = AwqConfig
 
