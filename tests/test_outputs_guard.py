@@ -128,7 +128,9 @@ HOLDER = textwrap.dedent(
 def held_elsewhere(tmp_path):
     """``hold`` the folder from another process; yields (folder, process)."""
     folder = tmp_path / "held"
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    import llmc_core
+
+    env = {**os.environ, "PYTHONPATH": f"{Path(llmc_core.__file__).resolve().parents[1]}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "held"

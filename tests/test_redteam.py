@@ -29,11 +29,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+import llmc_core
 from llmc_core.testing import read_results, run_cli, run_config, save_tiny_llama, write_config, write_corpus
 
 pytestmark = pytest.mark.slow
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(llmc_core.__file__).resolve().parents[1]  # the llmc under test, for the child processes
 
 # ``python -c WRAPPER llmc-args...``: the CLI with kill and pause points chosen by LLMC_REDTEAM:
 #   stage:<prefix>  SIGKILL on entering the first stage whose name starts with <prefix>
