@@ -217,6 +217,29 @@ def test_a_checkpoint_missing_or_adding_a_tensor_is_refused(tmp_path, tiny_text_
     assert not (out / "fake_quant_model").exists()
 
 
+def test_a_bert_folder_without_its_head_is_refused(tmp_path, tiny_text_file):
+    """model.type: auto on a BERT encoder folder: the causal-LM head is not in the checkpoint
+    (transformers would make it up) and the pooler has no place in the model."""
+    from transformers import BertConfig, BertModel
+
+    from llmc_core.testing import word_tokenizer
+
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=128)).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    out = tmp_path / "out"
+    cfg = run_config(folder, tiny_text_file, out, eval_pos=("fake_quant",))
+    cfg["model"]["type"] = "auto"
+    cfg["eval"]["seq_len"] = 32
+    cfg["save"] = {"save_path": str(out), "save_fake": True}
+    res = run_cli("run", str(write_config(tmp_path / "cfg.yml", cfg)), "-q")
+    errors = _errors(res)
+    assert res.exit_code == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert any("missing from the checkpoint" in e and "cls.predictions" in e for e in errors), errors
+    assert any("not in the model" in e and "pooler.dense.weight" in e for e in errors), errors
+    assert not (out / "fake_quant_model").exists()
+
+
 # -- 4. --resume checks its inputs ------------------------------------------------------------
 
 
@@ -280,6 +303,26 @@ def test_resume_refuses_changed_inputs(tmp_path, calib_method, change):
         words = ("model.path", "config.json changed (modification time)")
     _one_line(run_cli("run", str(path), "--resume", "-q"), "--resume: the inputs changed", *words)
     assert (out / ".checkpoints" / "manifest.json").is_file()  # the checkpoint is kept
+
+
+def test_large_inputs_are_fingerprinted_on_samples(tmp_path, monkeypatch):
+    """Above the whole-file limit (or past the budget) a file is hashed on head, middle and tail:
+    a change there is found even when size and modification time are kept."""
+    from llmc_core import fingerprint
+
+    monkeypatch.setattr(fingerprint, "FULL_HASH_BYTES", 64)
+    monkeypatch.setattr(fingerprint, "SAMPLE_BYTES", 8)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "big.bin").write_bytes(bytes(200))
+    (data / ".cache").mkdir()
+    (data / ".cache" / "x").write_text("ignored")
+    before = fingerprint.describe(data)
+    assert list(before["files"]) == ["big.bin"]
+    st = (data / "big.bin").stat()
+    (data / "big.bin").write_bytes(bytes(196) + b"tail")
+    os.utime(data / "big.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fingerprint.changes({"calib.path": before}, {"calib.path": fingerprint.describe(data)}) == ["calib.path: big.bin changed (content)"]
 
 
 # -- 9 (checkpoint part) and 10. a tampered manifest ------------------------------------------
