@@ -11,7 +11,8 @@ With ``save.checkpoint_blocks: true`` the run keeps, under ``save_path/.checkpoi
   :meth:`~llmc_core.api.Method.state_dict` declares it, and its ``log`` (tensors in safetensors,
   the rest as JSON; see :mod:`llmc_core.statefile`); only the latest is kept;
 - ``outputs_00007.pt``: that block's outputs, i.e. the next block's inputs (only the latest is kept);
-- ``manifest.json``, written last: the config fingerprint, how many blocks are done, the evaluation
+- ``manifest.json``, written last: the config fingerprint, the fingerprint of the model and data
+  files the run read (:mod:`llmc_core.fingerprint`), how many blocks are done, the evaluation
   records and the saved folders so far.
 
 Every file is written with :func:`llmc_core.fsutil.atomic_file`, and the manifest is the only
@@ -21,7 +22,9 @@ and continues with the next block; the result equals an uninterrupted run's (tes
 The folder is removed when the run finishes.
 
 Nothing in the folder can run code: no file is unpickled. A file that is damaged, truncated or
-replaced stops ``--resume`` with one line naming it. A method that keeps attributes besides
+replaced, a manifest entry of the wrong shape, a symbolic link where a checkpoint file or the
+folder should be, or a model or data file that changed since the checkpoint was made, stops
+``--resume`` with one line naming it. A method that keeps attributes besides
 ``options``, ``weight`` and ``log`` without overriding ``state_dict`` cannot be resumed exactly;
 the checkpoint notes that, and ``--resume`` refuses instead of continuing with lost state.
 """
@@ -51,7 +54,8 @@ if TYPE_CHECKING:
     from llmc_core.state import RunState
 
 FOLDER = ".checkpoints"
-FORMAT = 2
+FORMAT = 3  # 3: the manifest records the input files (format 2 did not)
+POSITIONS = ("pretrain", "transformed", "fake_quant", "real_quant")  # config.POSITIONS (config imports this module)
 BASE_ATTRIBUTES = ("options", "weight", "log", "scheme")  # what every Method has (api.Method.__init__; scheme set by the runner)
 
 
@@ -77,7 +81,12 @@ class Checkpoint:
         a :class:`NoCheckpoint` that keeps nothing."""
         if config.save is None:
             return NoCheckpoint()
+        from llmc_core.fingerprint import changes, input_fingerprints
+
         folder = config.save_path / FOLDER
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            what = "a symbolic link" if folder.is_symlink() else "not a folder"
+            raise LlmcError(f"save.save_path: {folder} is {what}; llmc keeps its checkpoint in a folder of its own and never follows a link there. Remove it.")
         fp = fingerprint(config)
         if resume:
             path = folder / "manifest.json"
@@ -91,6 +100,12 @@ class Checkpoint:
                     f"--resume: the checkpoint in {folder} was written by a different config. Resume with the same config and "
                     "overrides, or start over without --resume and with save.overwrite: true."
                 )
+            changed = changes(manifest["inputs"], input_fingerprints(config))
+            if changed:
+                raise LlmcError(
+                    f"--resume: the inputs changed since the checkpoint in {folder} was made ({'; '.join(changed[:5])}{'; ...' if len(changed) > 5 else ''}), "
+                    "so its blocks would mix two models or two calibration sets. Put the original files back, or start over without --resume and with save.overwrite: true."
+                )
             if manifest.get("method_undeclared"):
                 raise LlmcError(
                     f"--resume: the method kept {', '.join(manifest['method_undeclared'])} between blocks without declaring them in "
@@ -102,7 +117,7 @@ class Checkpoint:
             return NoCheckpoint()
         shutil.rmtree(folder, ignore_errors=True)  # a stale one from a run the user chose to overwrite
         folder.mkdir(parents=True)
-        ckpt = cls(folder, {"format": FORMAT, "fingerprint": fp, "blocks_done": 0, "records": [], "saved": []})
+        ckpt = cls(folder, {"format": FORMAT, "fingerprint": fp, "inputs": input_fingerprints(config), "blocks_done": 0, "records": [], "saved": []})
         ckpt._write_manifest()
         return ckpt
 
@@ -310,6 +325,8 @@ def _reading(path: Path) -> Iterator[None]:
     """Any failure while reading ``path`` and using what it holds means the file is not the one
     llmc wrote (torch.load with weights_only refuses pickled code; truncation, wrong shapes)."""
     try:
+        if path.is_symlink():
+            raise ValueError("a symbolic link")
         yield
     except LlmcError:
         raise
@@ -321,19 +338,79 @@ def _reading(path: Path) -> Iterator[None]:
 def _read_manifest(path: Path) -> dict[str, Any]:
     with _reading(path):
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict):
-            raise TypeError("not a JSON object")
-        kinds = {"blocks_done": int, "records": list, "saved": list, "positions": list, "method_undeclared": list}
-        for key, kind in kinds.items():
-            if key not in manifest and key in ("blocks_done", "records", "saved"):
-                raise KeyError(key)
-            if key in manifest and not isinstance(manifest[key], kind):
-                raise TypeError(f"'{key}' is not a {kind.__name__}")
-        if manifest["blocks_done"] < 0:
-            raise ValueError("negative blocks_done")
-        for r in manifest.get("records", []):
-            EvalRecord(**r)
+        _check_manifest(manifest)
     return manifest
+
+
+def _check_manifest(manifest: Any) -> None:
+    """Every entry of the manifest has the shape llmc writes, or the checkpoint is not llmc's
+    (fail closed: a record of the wrong shape would drop a result, or stop the run at its end)."""
+    if not isinstance(manifest, dict):
+        raise TypeError("not a JSON object")
+    if manifest.get("format") != FORMAT:
+        return  # refused by Checkpoint.open, naming the version
+    required = {"fingerprint": str, "inputs": dict, "blocks_done": int, "records": list, "saved": list}
+    optional = {"positions": list, "method_undeclared": list}
+    for key, kind in {**required, **optional}.items():
+        if key not in manifest:
+            if key in required:
+                raise KeyError(key)
+        elif not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            raise TypeError(f"'{key}' is not a {kind.__name__}")
+    done = manifest["blocks_done"]
+    if done < 0:
+        raise ValueError("negative blocks_done")
+    rows = {f"rows_{i}" for i in range(done)}
+    unknown = sorted(set(manifest) - set(required) - set(optional) - {"format"} - rows)
+    if unknown:
+        raise ValueError(f"unknown entries {', '.join(unknown)}")
+    for key in rows & set(manifest):
+        if not (isinstance(manifest[key], list) and all(_is_layer_row(r) for r in manifest[key])):
+            raise TypeError(f"'{key}' is not a list of per-layer error rows")
+    for key in ("saved", "positions", "method_undeclared"):
+        if not all(isinstance(v, str) for v in manifest.get(key, [])):
+            raise TypeError(f"'{key}' holds something other than names")
+    positions = manifest.get("positions", [])
+    if not set(positions) <= set(POSITIONS) or len(set(positions)) != len(positions):
+        raise ValueError("'positions' names an unknown or repeated position")
+    for r in manifest["records"]:
+        _check_record(r, positions)
+    for key, value in manifest["inputs"].items():
+        if not (isinstance(value, dict) and value.get("kind") in ("file", "folder", "absent") and isinstance(value.get("files"), dict)):
+            raise TypeError(f"input '{key}' is not a file fingerprint")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_layer_row(row: Any) -> bool:
+    return (
+        isinstance(row, dict)
+        and set(row) == {"layer", "block", "name", "weight_rel_mse", "output_rel_mse"}
+        and isinstance(row["layer"], str)
+        and isinstance(row["name"], str)
+        and isinstance(row["block"], int)
+        and not isinstance(row["block"], bool)
+        and _is_number(row["weight_rel_mse"])
+        and _is_number(row["output_rel_mse"])
+    )
+
+
+def _check_record(r: Any, positions: list[str]) -> None:
+    if not isinstance(r, dict):
+        raise TypeError("a record is not a JSON object")
+    EvalRecord(**r)  # the field names
+    if r["position"] not in positions:
+        raise ValueError(f"a record's position {r['position']!r} is not one of the finished positions")
+    for key in ("evaluator", "dataset", "metric"):
+        if not isinstance(r[key], str):
+            raise TypeError(f"a record's '{key}' is not a string")
+    for key in ("value", "seconds"):
+        if not _is_number(r[key]):
+            raise TypeError(f"a record's '{key}' is not a number")
+    if r.get("stderr") is not None and not _is_number(r["stderr"]):
+        raise TypeError("a record's 'stderr' is not a number")
 
 
 def _listify(x: Any) -> Any:

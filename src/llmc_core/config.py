@@ -330,14 +330,18 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
 
 
 def _check_output_folder(cfg: RunConfig, problems: _Problems) -> None:
+    from llmc_core.outlock import in_use, leftovers
+
     out = cfg.save_path
     if out.exists() and not out.is_dir():
         problems.add(f"save.save_path: {out} exists and is a file. Choose a folder path.")
+    elif holder := in_use(out):
+        problems.add(f"save.save_path: {out} is in use by {holder}. Wait for it to finish, or choose another save_path.")
     elif cfg.resume:
         pass  # the interrupted run's folder; the checkpoint in it is checked when the run starts
     elif (out / CHECKPOINT_FOLDER).is_dir() and not cfg.save.overwrite:
         problems.add(f"save.save_path: {out} holds the checkpoint of an interrupted run. Continue it with 'llmc run --resume', or set save.overwrite: true to start over.")
-    elif out.exists() and any(out.iterdir()) and not cfg.save.overwrite:
+    elif out.exists() and set(out.iterdir()) - set(leftovers(out)) and not cfg.save.overwrite:  # a killed run's temporary files do not count
         problems.add(f"save.save_path: {out} already exists and is not empty. Choose a new path, or set save.overwrite: true to replace what llmc wrote there.")
 
 

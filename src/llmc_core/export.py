@@ -61,18 +61,21 @@ def export(save_path: str | Path, to: str, overwrite: bool = False, manager: Any
     fake = save_path / source.folder
     if not (fake / "config.json").is_file():
         raise LlmcError(f"{save_path}: no {source.folder}/ with a config.json; give the save_path of a run that had save.save_{source.name}: true.")
+    from llmc_core.outlock import hold
+
     target = save_path / saver_cls.folder
-    if target.exists() and not overwrite:
-        raise LlmcError(f"{target} already exists; llmc never overwrites a folder silently. Remove it or pass --overwrite.")
-    state = load_fake_folder(fake)
-    spec = next(iter(state.quantized.values())).spec
-    refusals = saver_cls.accepts(state.scheme)  # the same refusals as in a run's config validation
-    if refusals:
-        raise LlmcError(*(f"--to {to}: {p}" for p in refusals))
-    saver = saver_cls()
-    saver.check(ExportConfig(weight=spec, scheme=state.scheme))
-    with atomic_folder(target, overwrite=overwrite) as tmp:
-        saver.save(state, str(tmp))
+    with hold(save_path, what="SAVE_PATH"):  # no run (or other export) writes there meanwhile
+        if target.exists() and not overwrite:
+            raise LlmcError(f"{target} already exists; llmc never overwrites a folder silently. Remove it or pass --overwrite.")
+        state = load_fake_folder(fake)
+        spec = next(iter(state.quantized.values())).spec
+        refusals = saver_cls.accepts(state.scheme)  # the same refusals as in a run's config validation
+        if refusals:
+            raise LlmcError(*(f"--to {to}: {p}" for p in refusals))
+        saver = saver_cls()
+        saver.check(ExportConfig(weight=spec, scheme=state.scheme))
+        with atomic_folder(target, overwrite=overwrite) as tmp:
+            saver.save(state, str(tmp))
     log.info("exported %s model to %s (%d quantized layers, %s)", saver_cls.name, target, len(state.quantized), spec.describe())
     return target
 
@@ -93,6 +96,10 @@ def load_fake_folder(folder: Path) -> ModelState:
         raise LlmcError(f"{folder}: the run quantized no layer, so there is nothing to export.")
     tokenizer = None
     if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        try:  # never the folder's own code: a tokenizer_config.json with an auto_map is refused, not run
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LlmcError(f"{folder}: its tokenizer could not be loaded without running code from the folder ({first[:300]}).") from exc
     scheme, act_scales, kv_scales = read_scheme(folder)
     return ModelState(model, tokenizer, quantized, scheme=scheme, act_scales=act_scales, kv_scales=kv_scales)

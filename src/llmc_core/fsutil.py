@@ -10,7 +10,9 @@ either the old content or the new one, never a mix, and never missing:
   network file systems) the old folder is first renamed to ``.<name>.old-<pid>``, and an orphan of
   that kind left by a killed process is renamed back the next time llmc writes that target.
 
-An existing target is an error unless ``overwrite`` is true.
+An existing target is an error unless ``overwrite`` is true, checked twice: when the write
+starts, and by the final move itself (``renameat2(RENAME_NOREPLACE)`` for a folder, ``link`` for a
+file), so a target that appeared while the content was being written is never replaced.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ log = logging.getLogger("llmc")
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+_RENAME_NOREPLACE = 1
 
 
 @contextlib.contextmanager
@@ -49,7 +52,10 @@ def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         yield tmp
         tmp.chmod(0o666 & ~_umask())  # an ordinary file, whatever the writer chose (safetensors: 0600)
         _fsync_path(tmp)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_no_replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -73,7 +79,7 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     try:
         yield tmp
         _fsync_tree(tmp)
-        _move_into_place(tmp, target)
+        _move_into_place(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -108,8 +114,31 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
+def _appeared(target: Path) -> LlmcError:
+    return LlmcError(f"{target} appeared while this run was writing it (another process?); llmc never replaces an output silently, so it was left as it is and this run's copy was removed. Set save.overwrite: true to replace it.")
+
+
+def _link_no_replace(tmp: Path, path: Path) -> None:
+    """Put ``tmp`` at ``path`` only if nothing is there (``link`` fails on an existing name)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _appeared(path) from None
+    except OSError:  # a file system without hard links: the check and the move are two steps
+        if path.exists():
+            raise _appeared(path) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def _move_into_place(tmp: Path, target: Path, overwrite: bool = True) -> None:
+    if not overwrite:
+        if not _rename_no_replace(tmp, target):
+            if target.exists():
+                raise _appeared(target)
+            tmp.rename(target)  # where renameat2 is missing: the check and the move are two steps
+    elif not target.exists():
         tmp.rename(target)
     elif _exchange(tmp, target):  # one atomic step: tmp now holds the old content
         fsync_dir(target.parent)
@@ -142,6 +171,26 @@ def _exchange(a: Path, b: Path) -> bool:
         return True
     err = ctypes.get_errno()
     if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _rename_no_replace(a: Path, b: Path) -> bool:
+    """Rename ``a`` to ``b`` unless ``b`` exists (even an empty folder, which a plain rename
+    replaces); False where ``renameat2`` is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == 17:  # EEXIST
+        raise _appeared(b)
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP
         return False
     raise OSError(err, os.strerror(err), str(b))
 

@@ -114,6 +114,9 @@ def _summary(state: RunState) -> list[str]:
         lines.append(f"- resumed: blocks 0-{ckpt.restored_blocks - 1} and the evaluations before the interruption came from the checkpoint")
     if state.saved:
         lines.append("- saved: " + ", ".join(f"{name} → `{path}`" for name, path in state.saved.items()))
+    kept = getattr(state, "kept_outputs", [])
+    if kept:
+        lines.append("- **kept from an earlier run** (save.overwrite: true replaced only what this run wrote; these are not this run's): " + ", ".join(f"`{k}`" for k in kept))
     return lines
 
 

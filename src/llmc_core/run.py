@@ -7,6 +7,7 @@ Lifecycle hooks fire between stages; stages never call each other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -57,6 +58,8 @@ class Run:
         self.stages: list[dict[str, Any]] = []
         self.device: Any = None
         self.cache: dict[Any, Any] = {}  # e.g. tokenized eval text, shared by positions
+        self.output: Any = None  # the held save_path (llmc_core.outlock.OutputFolder) while the run executes
+        self.kept_outputs: list[str] = []  # entries of an earlier run left in save_path (save.overwrite: true)
 
     @property
     def scheme(self) -> Any:
@@ -89,9 +92,14 @@ class Run:
         error: BaseException | None = None
         self.hook.llmc_run_start(run=self)
         try:
-            self.checkpoint = Checkpoint.open(self.config, self.resume)
-            self._execute()
-            self.checkpoint.finish()
+            with contextlib.ExitStack() as held:
+                if self.config.save is not None:  # one llmc process at a time in a save_path (src/llmc_core/outlock.py)
+                    from llmc_core.outlock import hold
+
+                    self.output = held.enter_context(hold(self.config.save_path))
+                self.checkpoint = Checkpoint.open(self.config, self.resume)
+                self._execute()
+                self.checkpoint.finish()
         except BaseException as exc:
             error = exc
             if not isinstance(exc, KeyboardInterrupt):  # the CLI prints describe_progress() for those
@@ -355,7 +363,11 @@ class Run:
             out = self.config.save_path
             out.mkdir(parents=True, exist_ok=True)
             layers = self.layer_errors.finish()
-            write_json(out / "results.json", self.results, {"config": self.config.source, "llmc_version": __version__, "stages": self.stages, "layer_errors": layers})
+            if self.output is not None and not self.resume:  # save.overwrite: true replaced only what this run writes
+                self.kept_outputs = [n for n in self.output.kept() if n not in ("results.json", "report.md", "report.png")]
+                if self.kept_outputs:
+                    log.warning("%s still holds %s from an earlier run (this run did not write them); see report.md", out, ", ".join(self.kept_outputs))
+            write_json(out / "results.json", self.results, {"config": self.config.source, "llmc_version": __version__, "stages": self.stages, "layer_errors": layers, "kept_from_earlier_run": self.kept_outputs})
             from llmc_core.report import write_report
 
             write_report(self, out)

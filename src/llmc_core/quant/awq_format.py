@@ -111,7 +111,7 @@ def load_awq_folder(folder: str | Path, device: Any = "cpu", dtype: Any = None) 
     """A causal-LM model from an AWQ GEMM folder, its quantized layers as ``QuantLinear``.
 
     ``dtype`` (default: the folder's ``torch_dtype``) applies to the float tensors; the tokenizer
-    loads as usual with ``AutoTokenizer.from_pretrained(folder)``.
+    loads as usual with ``AutoTokenizer`` (``from_pretrained(folder, trust_remote_code=False)``).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -119,7 +119,7 @@ def load_awq_folder(folder: str | Path, device: Any = "cpu", dtype: Any = None) 
     from llmc_core.quant.qlinear import QuantLinear, _parent
 
     qcfg = read_quantization_config(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # llmc's own format: no code of the folder's
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # built as a float model, then the packed layers go in
     dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32

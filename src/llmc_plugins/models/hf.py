@@ -67,6 +67,23 @@ def _type_hint(model_type: str) -> str:
     return f"No llmc family supports '{model_type}' (supported: {', '.join(types)}); with model.type: auto, quant.method: RTN works on any model whose linear layers llmc can find."
 
 
+def _check_loaded(path: str, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors do not match the model: transformers initialises a
+    missing weight at random and drops an unexpected one, and only logs it; a quantized model
+    with a random layer must never be saved as the real one."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the checkpoint (transformers would initialise them at random)"), ("unexpected_keys", "in the checkpoint but not in the model (they would be dropped)")):
+        names = sorted(info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            problems.append(f"model.path: {path}: {len(names)} weight(s) {what}: {shown}. Give a complete checkpoint of this architecture.")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        problems.append(f"model.path: {path}: weight(s) of the wrong shape: {', '.join(str(m[0]) for m in mismatched[:5])}.")
+    if problems:
+        raise LlmcError(*problems)
+
+
 def load_hf(config: HFModelConfig, model_types: tuple[str, ...], family: str) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``; refuse a checkpoint of another architecture with a clear line."""
     import torch
@@ -74,8 +91,7 @@ def load_hf(config: HFModelConfig, model_types: tuple[str, ...], family: str) ->
 
     where, extra = _split_gguf(config.path)
     _need_gguf(extra)
-    common = {"trust_remote_code": config.trust_remote_code, **extra}
-    hf_config = AutoConfig.from_pretrained(where, **common)
+    hf_config = AutoConfig.from_pretrained(where, trust_remote_code=config.trust_remote_code, **extra)
     if hf_config.model_type not in model_types:
         raise LlmcError(
             f"model.type: '{config.type}' expects a {'/'.join(model_types)} checkpoint, but {config.path} is "
@@ -84,7 +100,8 @@ def load_hf(config: HFModelConfig, model_types: tuple[str, ...], family: str) ->
     dtype = "auto" if config.torch_dtype == "auto" else getattr(torch, config.torch_dtype)
     if extra and dtype == "auto":
         dtype = torch.float32  # GGUF tensors are dequantized; keep them in full precision
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, low_cpu_mem_usage=True, **common)
+    model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, low_cpu_mem_usage=True, trust_remote_code=config.trust_remote_code, output_loading_info=True, **extra)
+    _check_loaded(config.path, info)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and extra:
         # The GGUF weights are plain floats now; the attached quantizer would refuse save_pretrained.
