@@ -17,7 +17,7 @@ class QuantSpec(StrictModel):
       (unsigned ``[0, 2^b-1]`` with an integer zero point).
     - ``granularity``: ``per_tensor``, ``per_channel`` (one scale per output row) or ``per_group``
       (one scale per ``group_size`` consecutive inputs of each row).
-    - ``group_size``: required for ``per_group``.
+    - ``group_size``: required for ``per_group``; ``-1`` (no groups) is accepted with the others.
     - ``quant_type``: only ``int-quant`` (accepted for ModelTC/llmc configs).
     - ``scale_dtype``: ``float32`` (default) or ``float16``: round every scale to float16, as int4
       formats (AWQ GEMM) store them, so the fake-quantized model equals the exported one exactly.
@@ -42,6 +42,14 @@ class QuantSpec(StrictModel):
     def _learnable_is_not_here(cls, data: object) -> object:
         if isinstance(data, dict) and data.get("calib_algo") == "learnable":
             raise ValueError("calib_algo: learnable (OmniQuant-style learned clipping) is not implemented; use minmax or mse")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _minus_one_means_no_groups(cls, data: object) -> object:
+        # ModelTC/llmc writes ``group_size: -1`` beside per_channel / per_tensor: no groups, as None
+        if isinstance(data, dict) and type(data.get("group_size")) is int and data["group_size"] == -1 and data.get("granularity", "per_group") != "per_group":
+            return {**data, "group_size": None}
         return data
 
     @model_validator(mode="after")
