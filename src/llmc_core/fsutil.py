@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import glob
 import logging
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -51,8 +53,9 @@ def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         _fsync_path(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _refuse_write_error(exc, path)
         raise
 
 
@@ -72,11 +75,39 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     tmp.mkdir()  # an ordinary folder (umask applies): the saved model is not private
     try:
         yield tmp
+        _ordinary_modes(tmp)
         _fsync_tree(tmp)
         _move_into_place(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _refuse_write_error(exc, target)
         raise
+
+
+def _refuse_write_error(exc: BaseException, target: Path) -> None:
+    """A full disk, a quota or a read-only file system while writing ``target`` is the user's to
+    fix: raise it as one error line (the partial copy is gone, the old content kept). Writers
+    report it as an ``OSError``, or in their own words (safetensors: ``I/O error: ... (os error
+    28)``; torch.save: no errno at all, so a disk with under 1 MiB free after a failed write
+    counts too). Anything else is left to the caller to re-raise."""
+    if not isinstance(exc, Exception) or isinstance(exc, LlmcError):
+        return
+    found = re.search(r"os error (\d+)", str(exc))
+    code = exc.errno if isinstance(exc, OSError) else int(found.group(1)) if found else None
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        why = os.strerror(code)
+    elif _free_bytes(target.parent) < 1 << 20:
+        why = "the disk is full"
+    else:
+        return
+    raise LlmcError(f"could not write {target}: {why}. Nothing half-written was left and any earlier {target.name} is unchanged; free some space (or choose another save.save_path) and run again.") from exc
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62  # unknown: not a reason to call it full
 
 
 def recover_orphans(target: Path) -> None:
@@ -174,6 +205,15 @@ def _remove(p: Path) -> None:
 def _fsync_path(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+def _ordinary_modes(root: Path) -> None:
+    """Give every file under ``root`` the umask's mode, whatever its writer chose (safetensors
+    writes 0600): a saved model is for others to read, as ``cp`` would leave it."""
+    mode = 0o666 & ~_umask()
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            os.chmod(Path(dirpath) / name, mode)
 
 
 def _fsync_tree(root: Path) -> None:

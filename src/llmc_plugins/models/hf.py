@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from llmc_core.api import StrictModel
-from llmc_core.errors import LlmcError
+from llmc_core.errors import LlmcError, damaged_file_errors, first_line
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -37,6 +41,29 @@ def _split_gguf(path: str) -> tuple[str, dict[str, Any]]:
     return path, {}
 
 
+def _damaged_files_are_errors(load: F) -> F:
+    """A model file that cannot be read (truncated safetensors, a GGUF cut inside its header, a
+    pickle that ``torch.load(weights_only=True)`` refuses) is one error line naming ``model.path``."""
+
+    @functools.wraps(load)
+    def wrapper(config: HFModelConfig, *args: Any) -> Any:
+        try:
+            return load(config, *args)
+        except LlmcError:
+            raise
+        except damaged_file_errors() as exc:
+            import pickle
+
+            if isinstance(exc, pickle.UnpicklingError):  # torch's message is a page long
+                why = "a pickle weight file that torch.load(weights_only=True) refuses: it holds objects other than tensors, or is damaged. llmc never unpickles code; convert the model to safetensors where you trust it"
+            else:
+                why = f"{first_line(exc)}. Is a file truncated or damaged? Download or save the model again"
+            raise LlmcError(f"model.path: {config.path} cannot be loaded ({why}).") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_damaged_files_are_errors
 def read_model_type(config: HFModelConfig) -> str:
     """The checkpoint's ``model_type`` (config.json, or what transformers reads from a GGUF file)."""
     from transformers import AutoConfig
@@ -67,6 +94,7 @@ def _type_hint(model_type: str) -> str:
     return f"No llmc family supports '{model_type}' (supported: {', '.join(types)}); with model.type: auto, quant.method: RTN works on any model whose linear layers llmc can find."
 
 
+@_damaged_files_are_errors
 def load_hf(config: HFModelConfig, model_types: tuple[str, ...], family: str) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``; refuse a checkpoint of another architecture with a clear line."""
     import torch
