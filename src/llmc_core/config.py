@@ -297,6 +297,7 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
             problems.lines.extend(exc.problems)
     if cfg.save is not None:
         _check_output_folder(cfg, problems)
+        _check_writable(cfg.save_path, problems)
     _check_paths(cfg, problems)
     _check_device(cfg, problems)
     for step, options in cfg.steps.values():
@@ -308,19 +309,26 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
 
 def _check_output_folder(cfg: RunConfig, problems: _Problems) -> None:
     out = cfg.save_path
-    ancestor = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if out.exists() and not out.is_dir():
         problems.add(f"save.save_path: {out} exists and is a file. Choose a folder path.")
-    elif not ancestor.is_dir():
-        problems.add(f"save.save_path: {out} is under {ancestor}, which is a file. Choose a folder path.")
-    elif not os.access(ancestor, os.W_OK | os.X_OK):  # read-only folder or file system: fail now, not at the save
-        problems.add(f"save.save_path: {out} cannot be written: {ancestor} is read-only for this user. Choose a writable folder.")
     elif cfg.resume:
         pass  # the interrupted run's folder; the checkpoint in it is checked when the run starts
     elif (out / CHECKPOINT_FOLDER).is_dir() and not cfg.save.overwrite:
         problems.add(f"save.save_path: {out} holds the checkpoint of an interrupted run. Continue it with 'llmc run --resume', or set save.overwrite: true to start over.")
     elif out.exists() and any(out.iterdir()) and not cfg.save.overwrite:
         problems.add(f"save.save_path: {out} already exists and is not empty. Choose a new path, or set save.overwrite: true to replace what llmc wrote there.")
+
+
+def _check_writable(out: Path, problems: _Problems) -> None:
+    """The save_path, or the folder it will be made in, must be writable: a file on the way or a
+    read-only folder or file system fails here, not at the save after all the work."""
+    ancestor = next(p for p in (out.absolute(), *out.absolute().parents) if os.path.lexists(p))
+    if ancestor == out.absolute() and not out.is_dir():
+        return  # save_path itself is a file: _check_output_folder says so
+    if not ancestor.is_dir():
+        problems.add(f"save.save_path: {out} is under {ancestor}, which is a file. Choose a folder path.")
+    elif not os.access(ancestor, os.W_OK | os.X_OK):
+        problems.add(f"save.save_path: {out} cannot be written: {ancestor} is read-only for this user. Choose a writable folder.")
 
 
 def _check_paths(cfg: RunConfig, problems: _Problems) -> None:

@@ -2,7 +2,8 @@
 
 Both helpers build the new content under a temporary sibling name, fsync it, move it into place
 with one rename and fsync the parent directory, so after a crash or a power loss the target is
-either the old content or the new one, never a mix, and never missing:
+either the old content or the new one, never a mix, and never missing. The files written get the
+umask's mode whatever their writer chose, and a full disk is one error line:
 
 - :func:`atomic_file` for a single file (``results.json``, a checkpoint file, ``scales.pth``);
 - :func:`atomic_folder` for a folder (a saved model). Replacing an existing folder swaps the two
@@ -19,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import glob
 import logging
 import os
@@ -26,7 +28,7 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,26 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
+def _ordinary_writes(write: Callable[..., contextlib.AbstractContextManager[Path]]) -> Callable[..., contextlib.AbstractContextManager[Path]]:
+    """What every atomic write does around its writer: the files written get the umask's mode
+    (safetensors writes 0600), and a full disk is one error line (:func:`_refuse_write_error`),
+    after ``write`` has removed its temporary copy."""
+
+    @functools.wraps(write)
+    @contextlib.contextmanager
+    def wrapper(target: str | Path, *args: Any, **kwargs: Any) -> Iterator[Path]:
+        try:
+            with write(target, *args, **kwargs) as tmp:
+                yield tmp
+                _ordinary_modes(tmp)
+        except Exception as exc:
+            _refuse_write_error(exc, Path(target))
+            raise
+
+    return wrapper
+
+
+@_ordinary_writes
 @contextlib.contextmanager
 def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; write the file there. On success it replaces
@@ -53,12 +75,12 @@ def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         _fsync_path(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException as exc:
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        _refuse_write_error(exc, path)
         raise
 
 
+@_ordinary_writes
 @contextlib.contextmanager
 def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``target`` atomically.
@@ -75,12 +97,10 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     tmp.mkdir()  # an ordinary folder (umask applies): the saved model is not private
     try:
         yield tmp
-        _ordinary_modes(tmp)
         _fsync_tree(tmp)
         _move_into_place(tmp, target)
-    except BaseException as exc:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        _refuse_write_error(exc, target)
         raise
 
 
@@ -211,6 +231,8 @@ def _ordinary_modes(root: Path) -> None:
     """Give every file under ``root`` the umask's mode, whatever its writer chose (safetensors
     writes 0600): a saved model is for others to read, as ``cp`` would leave it."""
     mode = 0o666 & ~_umask()
+    if not root.is_dir():
+        root.chmod(mode)
     for dirpath, _, files in os.walk(root):
         for name in files:
             os.chmod(Path(dirpath) / name, mode)
