@@ -63,7 +63,6 @@ def _damaged_files_are_errors(load: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@_damaged_files_are_errors
 def read_model_type(config: HFModelConfig) -> str:
     """The checkpoint's ``model_type`` (config.json, or what transformers reads from a GGUF file)."""
     from transformers import AutoConfig
@@ -94,7 +93,6 @@ def _type_hint(model_type: str) -> str:
     return f"No llmc family supports '{model_type}' (supported: {', '.join(types)}); with model.type: auto, quant.method: RTN works on any model whose linear layers llmc can find."
 
 
-@_damaged_files_are_errors
 def load_hf(config: HFModelConfig, model_types: tuple[str, ...], family: str) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``; refuse a checkpoint of another architecture with a clear line."""
     import torch
@@ -121,3 +119,8 @@ def load_hf(config: HFModelConfig, model_types: tuple[str, ...], family: str) ->
     tokenizer = AutoTokenizer.from_pretrained(tok_where, use_fast=config.tokenizer_mode == "fast", trust_remote_code=config.trust_remote_code, **tok_extra)
     model.config.use_cache = False
     return model, tokenizer
+
+
+# the two functions that read a model's files, each a damaged file's one error line
+read_model_type = _damaged_files_are_errors(read_model_type)
+load_hf = _damaged_files_are_errors(load_hf)
