@@ -237,7 +237,33 @@ def test_values_of_the_wrong_type_are_refused_not_coerced(cfg, section, key, val
     node[key] = value
     with pytest.raises(LlmcError) as exc:
         config.validate(cfg)
-    assert exc.value.problems == [f"{section}.{key}: {expected}"]
+    (line,) = exc.value.problems  # one line, also where the field takes several types (int | str)
+    head, _, tail = expected.partition(" (got ")
+    assert line.startswith(f"{section}.{key}: {head}") and line.endswith(f" (got {tail}"), line
+
+
+def test_a_value_that_fits_no_member_of_a_union_is_one_line():
+    """Strict ``int | str`` (as ``quant.weight.bit`` takes float format names) given 4.0 fails each
+    member; pydantic reports ``bit.int`` and ``bit.str``, the user reads one line."""
+    from typing import Literal
+
+    from llmc_core.schema import StrictModel
+
+    class Section(StrictModel):
+        bit: int | str
+        mode: list[Literal["a", "b"]] = []
+        name: str
+
+    problems = config._Problems()
+    problems.validate(Section, {"bit": 4.0, "mode": ["a", "c"]}, "quant.weight")
+    problems.validate(Section, {"bit": [4], "name": 5}, "other")
+    assert problems.lines == [
+        "quant.weight.bit: Input should be a valid integer or a valid string (got 4.0)",
+        "quant.weight.mode.1: Input should be 'a' or 'b' (got 'c')",
+        "quant.weight.name: required key is missing.",
+        "other.bit: Input should be a valid integer or a valid string (got [4])",
+        "other.name: Input should be a valid string (got 5)",
+    ]
 
 
 def test_modeltc_typed_values_stay_valid(cfg):

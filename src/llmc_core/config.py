@@ -147,9 +147,38 @@ class _Problems:
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            for err in exc.errors():
+            for err in _one_per_value(exc.errors(), data):
                 self.add(_render(err, model, where))
             return None
+
+
+def _one_per_value(errors: list[dict[str, Any]], data: Any) -> list[dict[str, Any]]:
+    """One error per value: a value that fits no member of a union (``bit: int | str`` given 4.0
+    in strict mode) gets one error per member, located ``bit.int``, ``bit.str``; the parts of a
+    location past a scalar of ``data`` (or a name past a list) are such member tags. They are dropped, and the messages
+    joined: ``Input should be a valid integer or a valid string``."""
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for err in errors:
+        node: Any = data
+        loc = []
+        for part in err["loc"]:
+            if isinstance(node, dict) or node is _ABSENT or (isinstance(node, list) and isinstance(part, int)):
+                loc.append(part)
+                try:
+                    node = node[part]
+                except (KeyError, IndexError, TypeError):
+                    node = _ABSENT
+        key = tuple(loc)
+        if key in merged and err["type"] not in ("missing", "extra_forbidden"):
+            first = merged[key]
+            if err["msg"] not in first["msg"]:
+                first["msg"] += " or " + err["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
+            continue
+        merged.setdefault(key, {**err, "loc": key})
+    return list(merged.values())
+
+
+_ABSENT = object()  # a location past what the data holds (a missing key): every part is kept
 
 
 def _render(err: dict[str, Any], model: type[BaseModel], where: str) -> str:
