@@ -257,12 +257,14 @@ def test_a_value_that_fits_no_member_of_a_union_is_one_line():
     problems = config._Problems()
     problems.validate(Section, {"bit": 4.0, "mode": ["a", "c"]}, "quant.weight")
     problems.validate(Section, {"bit": [4], "name": 5}, "other")
+    problems.validate(Section, {"bit": {"x": 1}, "name": "n"}, "third")
     assert problems.lines == [
         "quant.weight.bit: Input should be a valid integer or a valid string (got 4.0)",
         "quant.weight.mode.1: Input should be 'a' or 'b' (got 'c')",
         "quant.weight.name: required key is missing.",
         "other.bit: Input should be a valid integer or a valid string (got [4])",
         "other.name: Input should be a valid string (got 5)",
+        "third.bit: Input should be a valid integer or a valid string",
     ]
 
 

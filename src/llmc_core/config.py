@@ -154,20 +154,22 @@ class _Problems:
 
 def _one_per_value(errors: list[dict[str, Any]], data: Any) -> list[dict[str, Any]]:
     """One error per value: a value that fits no member of a union (``bit: int | str`` given 4.0
-    in strict mode) gets one error per member, located ``bit.int``, ``bit.str``; the parts of a
-    location past a scalar of ``data`` (or a name past a list) are such member tags. They are dropped, and the messages
-    joined: ``Input should be a valid integer or a valid string``."""
+    in strict mode) gets one error per member, located ``bit.int``, ``bit.str``: the parts of a
+    location that name no place in ``data`` (but for a missing required key) are such member tags.
+    They are dropped, and the messages joined: ``Input should be a valid integer or a valid
+    string``."""
     merged: dict[tuple[Any, ...], dict[str, Any]] = {}
     for err in errors:
         node: Any = data
         loc = []
         for part in err["loc"]:
-            if isinstance(node, dict) or node is _ABSENT or (isinstance(node, list) and isinstance(part, int)):
+            if node is _ABSENT or (isinstance(node, dict) and part not in node and err["type"] == "missing"):
+                loc.append(part)  # a required key the data lacks
+                node = _ABSENT
+            elif (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
                 loc.append(part)
-                try:
-                    node = node[part]
-                except (KeyError, IndexError, TypeError):
-                    node = _ABSENT
+                node = node[part]
+            # else: a union member's tag (``int``, ``str``, a model's name): not a place in the data
         key = tuple(loc)
         if key in merged and err["type"] not in ("missing", "extra_forbidden"):
             first = merged[key]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from pydantic import field_validator
 
 from llmc_core.api import StrictModel
 from llmc_core.errors import LlmcError, damaged_file_errors, first_line
@@ -32,6 +35,35 @@ class HFModelConfig(StrictModel):
     tokenizer_path: str | None = None
     tokenizer_mode: Literal["fast", "slow"] = "fast"
     trust_remote_code: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _weights_are_whole(cls, value: str) -> str:
+        if Path(value).is_dir():  # a hub id or a .gguf file is read when the model loads
+            problems = [p for f in sorted(Path(value).glob("*.safetensors")) if (p := safetensors_problem(f))]
+            if problems:
+                raise ValueError("; ".join(problems))
+        return value
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (a header that does not parse, tensors that end
+    past the end of the file), from its header alone; None when it is whole. Cheap: the header is
+    a few KB however big the file is."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little") if size >= 8 else None
+            if length is None or length > size - 8:
+                return f"{path.name} is cut short ({size} bytes, less than its header says); download or save the model again"
+            header = json.loads(fh.read(length))
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        return f"{path.name} is not a readable safetensors file ({first_line(exc)}); download or save the model again"
+    need = 8 + length + max(ends, default=0)
+    if need > size:
+        return f"{path.name} is cut short: its tensors need {need} bytes, the file has {size}; download or save the model again"
+    return None
 
 
 def _split_gguf(path: str) -> tuple[str, dict[str, Any]]:
