@@ -365,7 +365,7 @@ def _check_writable(out: Path, problems: _Problems) -> None:
 def _check_paths(cfg: RunConfig, problems: _Problems) -> None:
     for key in ("path", "tokenizer_path"):
         mpath = getattr(cfg.model, key, None)
-        if not mpath or Path(mpath).exists():
+        if not mpath or os.path.exists(mpath):
             continue
         if not looks_like_hub_id(mpath):
             problems.add(f"model.{key}: {mpath} does not exist. Give a Hugging Face model folder, a .gguf file, or pkg:<package>/<file>.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -39,7 +40,7 @@ class HFModelConfig(StrictModel):
     @field_validator("path")
     @classmethod
     def _weights_are_whole(cls, value: str) -> str:
-        if Path(value).is_dir():  # a hub id or a .gguf file is read when the model loads
+        if os.path.isdir(value):  # a hub id or a .gguf file is read when the model loads
             problems = [p for f in sorted(Path(value).glob("*.safetensors")) if (p := safetensors_problem(f))]
             if problems:
                 raise ValueError("; ".join(problems))
