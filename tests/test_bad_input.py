@@ -211,3 +211,14 @@ def test_a_disk_that_fills_up_during_the_save_is_one_line(tmp_path, tiny_model_d
     _one_llmc_line(res, f"could not write {tmp_path / 'out' / 'fake_quant_model'}: File too large. Nothing half-written was left")
     assert not (tmp_path / "out" / "fake_quant_model").exists()
     assert not list((tmp_path / "out").glob(".fake_quant_model.partial*"))  # (the run may also remove out/ itself)
+
+
+def test_saved_safetensors_follow_the_umask(fake_run):
+    """Issue 32, item 12 (here for the saved run it shares): safetensors writes 0600; a saved
+    model gets the umask's mode, as any other file the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = fake_run / "fake_quant_model"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert "model.safetensors" in modes and "llmc_qparams.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes
