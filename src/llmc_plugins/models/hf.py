@@ -90,7 +90,7 @@ def _damaged_files_are_errors(load: F) -> F:
             if isinstance(exc, pickle.UnpicklingError):  # torch's message is a page long
                 why = "a pickle weight file that torch.load(weights_only=True) refuses: it holds objects other than tensors, or is damaged. llmc never unpickles code; convert the model to safetensors where you trust it"
             else:
-                why = f"{first_line(exc)}. Is a file truncated or damaged? Download or save the model again"
+                why = f"{first_line(exc)}. If a file is truncated or damaged, download or save the model again"
             raise LlmcError(f"model.path: {config.path} cannot be loaded ({why}).") from exc
 
     return wrapper  # type: ignore[return-value]
