@@ -147,3 +147,32 @@ def test_no_hand_rolled_renames_left():
             if needle in text:
                 offenders.append(f"{path.relative_to(src)}: {needle}")
     assert offenders == []
+
+
+def test_folder_files_get_the_umask_mode_whatever_the_writer_chose(tmp_path):
+    """safetensors writes its files 0600; a saved model folder is for others to read (issue 32)."""
+    umask = os.umask(0o022)
+    try:
+        with atomic_folder(tmp_path / "model") as tmp:
+            (tmp / "model.safetensors").touch(mode=0o600)
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "scales.safetensors").touch(mode=0o600)
+    finally:
+        os.umask(umask)
+    for path in (tmp_path / "model" / "model.safetensors", tmp_path / "model" / "sub" / "scales.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_a_full_disk_while_writing_is_one_error_and_keeps_the_old_content(tmp_path):
+    """ENOSPC as an OSError (Python's writers) or in safetensors' words: one LlmcError; other
+    errors stay what they are."""
+    import errno
+
+    target = _old_folder(tmp_path)
+    for raised in (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")):
+        with pytest.raises(LlmcError, match=r"could not write .*/model: No space left on device\. Nothing half-written was left"), atomic_folder(target, overwrite=True) as tmp:
+            (tmp / "weights").write_text("half")
+            raise raised
+        assert (target / "weights").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with pytest.raises(OSError, match="Permission"), atomic_file(tmp_path / "x", overwrite=True):
+        raise PermissionError(errno.EACCES, "Permission denied")

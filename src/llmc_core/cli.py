@@ -1,6 +1,7 @@
 """``llmc run | validate | export | plugins``.
 
-``--help``, ``validate`` and ``plugins`` never import torch; user mistakes print one line per
+``--help``, ``validate`` and ``plugins`` never import torch (``validate`` does for a config whose
+``base.device`` names CUDA, to check the device is there); user mistakes print one line per
 problem and exit with code 2, never a traceback.
 """
 

@@ -9,22 +9,26 @@ rules that span sections, all before any model loads. Every problem becomes one 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, create_model, field_validator
 
 from llmc_core.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from llmc_core.schema import StrictModel
 from llmc_core.errors import LlmcError, did_you_mean
-from llmc_core.paths import looks_like_hub_id
+from llmc_core.paths import hub_problem, looks_like_hub_id
 from llmc_core.plugins import PluginManager, get_manager
 from llmc_core.quant.scheme import Scheme, expand_preset, scheme_problems
 from llmc_core.quant.spec import KvSpec, QuantSpec
 from llmc_core.yamlio import PATH_KEYS, SECTIONS, apply_overrides, expand, read_yaml
 
 __all__ = ["POSITIONS", "QUANTIZED_POSITIONS", "SECTIONS", "RunConfig", "apply_overrides", "load", "read_yaml", "validate"]
+
+log = logging.getLogger("llmc")
 
 POSITIONS = ("pretrain", "transformed", "fake_quant", "real_quant")
 QUANTIZED_POSITIONS = ("transformed", "fake_quant", "real_quant")
@@ -44,7 +48,7 @@ Download = Annotated[bool | Literal["auto"], BeforeValidator(_download)]
 class BaseSection(StrictModel):
     """``base``: run-wide settings."""
 
-    seed: int = 42
+    seed: int = Field(default=42, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -59,6 +63,13 @@ class CalibSection(StrictModel):
     seq_len: int = Field(default=512, gt=0)
     preproc: str = "pileval_awq"
     seed: int = 42
+
+    @field_validator("bs")
+    @classmethod
+    def _no_empty_batches(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("should be -1 (all samples in one batch) or a batch size of 1 or more")
+        return value
 
 
 class EvalSection(StrictModel):
@@ -148,9 +159,40 @@ class _Problems:
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            for err in exc.errors():
+            for err in _one_per_value(exc.errors(), data):
                 self.add(_render(err, model, where))
             return None
+
+
+def _one_per_value(errors: list[dict[str, Any]], data: Any) -> list[dict[str, Any]]:
+    """One error per value: a value that fits no member of a union (``bit: int | str`` given 4.0
+    in strict mode) gets one error per member, located ``bit.int``, ``bit.str``: the parts of a
+    location that name no place in ``data`` (but for a missing required key) are such member tags.
+    They are dropped, and the messages joined: ``Input should be a valid integer or a valid
+    string``."""
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for err in errors:
+        node: Any = data
+        loc = []
+        for part in err["loc"]:
+            if node is _ABSENT or (isinstance(node, dict) and part not in node and err["type"] == "missing"):
+                loc.append(part)  # a required key the data lacks
+                node = _ABSENT
+            elif (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
+                loc.append(part)
+                node = node[part]
+            # else: a union member's tag (``int``, ``str``, a model's name): not a place in the data
+        key = tuple(loc)
+        if key in merged and err["type"] not in ("missing", "extra_forbidden"):
+            first = merged[key]
+            if err["msg"] not in first["msg"]:
+                first["msg"] += " or " + err["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
+            continue
+        merged.setdefault(key, {**err, "loc": key})
+    return list(merged.values())
+
+
+_ABSENT = object()  # a location past what the data holds (a missing key): every part is kept
 
 
 def _render(err: dict[str, Any], model: type[BaseModel], where: str) -> str:
@@ -169,13 +211,19 @@ def _render(err: dict[str, Any], model: type[BaseModel], where: str) -> str:
     return f"{key}: {msg}{shown}"
 
 
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty; give the folder to write into (an empty path would mean the current directory)")
+    return value
+
+
 def _save_model(manager: PluginManager) -> type[BaseModel]:
     """The ``save`` schema: common keys plus one ``save_<name>`` flag per registered saver."""
     flags: dict[str, Any] = {f"save_{name}": (bool, False) for name in manager.names("saver")}
     return create_model(
         "SaveSection",
         __base__=StrictModel,
-        save_path=(str, ...),
+        save_path=(Annotated[str, AfterValidator(_not_blank)], ...),
         overwrite=(bool, False),
         checkpoint_blocks=(bool, False),
         **flags,
@@ -321,7 +369,9 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
             problems.lines.extend(exc.problems)
     if cfg.save is not None:
         _check_output_folder(cfg, problems)
+        _check_writable(cfg.save_path, problems)
     _check_paths(cfg, problems)
+    _check_device(cfg, problems)
     for step, options in cfg.steps.values():
         try:
             step().check(cfg, options)
@@ -345,10 +395,29 @@ def _check_output_folder(cfg: RunConfig, problems: _Problems) -> None:
         problems.add(f"save.save_path: {out} already exists and is not empty. Choose a new path, or set save.overwrite: true to replace what llmc wrote there.")
 
 
+def _check_writable(out: Path, problems: _Problems) -> None:
+    """The save_path, or the folder it will be made in, must be writable: a file on the way or a
+    read-only folder or file system fails here, not at the save after all the work."""
+    ancestor = next(p for p in (out.absolute(), *out.absolute().parents) if os.path.lexists(p))
+    if ancestor == out.absolute() and not out.is_dir():
+        return  # save_path itself is a file: _check_output_folder says so
+    if not ancestor.is_dir():
+        problems.add(f"save.save_path: {out} is under {ancestor}, which is a file. Choose a folder path.")
+    elif not os.access(ancestor, os.W_OK | os.X_OK):
+        problems.add(f"save.save_path: {out} cannot be written: {ancestor} is read-only for this user. Choose a writable folder.")
+
+
 def _check_paths(cfg: RunConfig, problems: _Problems) -> None:
-    mpath = getattr(cfg.model, "path", None)
-    if mpath and not Path(mpath).exists() and not looks_like_hub_id(mpath):
-        problems.add(f"model.path: {mpath} does not exist. Give a Hugging Face model folder, a .gguf file, or pkg:<package>/<file>.")
+    for key in ("path", "tokenizer_path"):
+        mpath = getattr(cfg.model, key, None)
+        if not mpath or os.path.exists(mpath):
+            continue
+        if not looks_like_hub_id(mpath):
+            problems.add(f"model.{key}: {mpath} does not exist. Give a Hugging Face model folder, a .gguf file, or pkg:<package>/<file>.")
+        elif (why := hub_problem(mpath, f"model.{key}")) is not None:
+            problems.add(why)
+        else:
+            log.warning("model.%s: %s not found locally; treating it as a Hugging Face hub id", key, mpath)
     sections: list[tuple[str, Any]] = [("calib", cfg.calib)] if cfg.calib is not None else []
     sections += [(f"eval.{i}" if len(cfg.evals) > 1 else "eval", e) for i, (ev, e) in enumerate(cfg.evals) if getattr(ev, "uses_dataset", True)]
     for where, sec in sections:
@@ -361,6 +430,22 @@ def _check_paths(cfg: RunConfig, problems: _Problems) -> None:
         elif (download is True or not local) and download and importlib.util.find_spec("datasets") is None:
             why = "download: true" if download is True else f"{path} does not exist, so download: auto"
             problems.add(f"{where}.download: {why} fetches the data from the hub, which needs the 'datasets' package: pip install datasets (or point {where}.path at local data, docs/data.md).")
+
+
+def _check_device(cfg: RunConfig, problems: _Problems) -> None:
+    """``base.device: cuda[:N]`` needs that device here. Only such a config pays for importing torch."""
+    device = cfg.base.device
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if count == 0:
+        build = " (this torch is a CPU-only build)" if torch.version.cuda is None else ""
+        problems.add(f"base.device: {device}, but no CUDA device is available here{build}. Use device: auto (CUDA when there is one) or cpu.")
+    elif index >= count:
+        problems.add(f"base.device: {device}, but this machine has {count} CUDA device{'s' if count > 1 else ''} (cuda:0{f'..cuda:{count - 1}' if count > 1 else ''}). Use one of them, or device: auto.")
 
 
 def load(path: str | Path, overrides: list[str] | None = None, manager: PluginManager | None = None, resume: bool = False) -> RunConfig:

@@ -33,6 +33,28 @@ class ConfigSyntaxError(LlmcError):
         super().__init__(problem, kind="YAML syntax error")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none): what an error line
+    quotes of a library's exception."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def damaged_file_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged or refused model file raises: ``OSError``, ``ValueError``,
+    ``EOFError``, ``struct.error`` (a GGUF cut inside its header), ``pickle.UnpicklingError`` (a
+    pickle ``torch.load(weights_only=True)`` refuses) and safetensors' ``SafetensorError``."""
+    import pickle
+    import struct
+
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, EOFError, struct.error, pickle.UnpicklingError)
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return errors
+    return (*errors, SafetensorError)
+
+
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """Return `` Did you mean 'x'?`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(str(value).lower(), [c.lower() for c in choices], n=1, cutoff=0.6)

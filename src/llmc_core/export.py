@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmc_core.errors import LlmcError
+from llmc_core.errors import LlmcError, damaged_file_errors, first_line
 from llmc_core.state import ModelState
 
 log = logging.getLogger("llmc")
@@ -88,9 +88,8 @@ def load_fake_folder(folder: Path) -> ModelState:
 
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=False).eval()
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LlmcError(f"{folder}: could not be loaded as a causal LM ({first}).") from exc
+    except damaged_file_errors() as exc:
+        raise LlmcError(f"{folder}: could not be loaded as a causal LM ({first_line(exc)}).") from exc
     quantized = read_quantized(folder, model)
     if not quantized:
         raise LlmcError(f"{folder}: the run quantized no layer, so there is nothing to export.")

@@ -2,7 +2,8 @@
 
 Both helpers build the new content under a temporary sibling name, fsync it, move it into place
 with one rename and fsync the parent directory, so after a crash or a power loss the target is
-either the old content or the new one, never a mix, and never missing:
+either the old content or the new one, never a mix, and never missing. The files written get the
+umask's mode whatever their writer chose, and a full disk is one error line:
 
 - :func:`atomic_file` for a single file (``results.json``, a checkpoint file, ``scales.pth``);
 - :func:`atomic_folder` for a folder (a saved model). Replacing an existing folder swaps the two
@@ -20,13 +21,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
+import functools
 import glob
 import logging
 import os
+import re
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,26 @@ _RENAME_EXCHANGE = 2
 _RENAME_NOREPLACE = 1
 
 
+def _ordinary_writes(write: Callable[..., contextlib.AbstractContextManager[Path]]) -> Callable[..., contextlib.AbstractContextManager[Path]]:
+    """What every atomic write does around its writer: the files written get the umask's mode
+    (safetensors writes 0600), and a full disk is one error line (:func:`_refuse_write_error`),
+    after ``write`` has removed its temporary copy."""
+
+    @functools.wraps(write)
+    @contextlib.contextmanager
+    def wrapper(target: str | Path, *args: Any, **kwargs: Any) -> Iterator[Path]:
+        try:
+            with write(target, *args, **kwargs) as tmp:
+                yield tmp
+                _ordinary_modes(tmp)
+        except Exception as exc:
+            _refuse_write_error(exc, Path(target))
+            raise
+
+    return wrapper
+
+
+@_ordinary_writes
 @contextlib.contextmanager
 def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; write the file there. On success it replaces
@@ -62,6 +86,7 @@ def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+@_ordinary_writes
 @contextlib.contextmanager
 def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``target`` atomically.
@@ -83,6 +108,32 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _refuse_write_error(exc: BaseException, target: Path) -> None:
+    """A full disk, a quota or a read-only file system while writing ``target`` is the user's to
+    fix: raise it as one error line (the partial copy is gone, the old content kept). Writers
+    report it as an ``OSError``, or in their own words (safetensors: ``I/O error: ... (os error
+    28)``; torch.save: no errno at all, so a disk with under 1 MiB free after a failed write
+    counts too). Anything else is left to the caller to re-raise."""
+    if not isinstance(exc, Exception) or isinstance(exc, LlmcError):
+        return
+    found = re.search(r"os error (\d+)", str(exc))
+    code = exc.errno if isinstance(exc, OSError) else int(found.group(1)) if found else None
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        why = os.strerror(code)
+    elif _free_bytes(target.parent) < 1 << 20:
+        why = "the disk is full"
+    else:
+        return
+    raise LlmcError(f"could not write {target}: {why}. Nothing half-written was left and any earlier {target.name} is unchanged; free some space (or choose another save.save_path) and run again.") from exc
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62  # unknown: not a reason to call it full
 
 
 def recover_orphans(target: Path) -> None:
@@ -223,6 +274,17 @@ def _remove(p: Path) -> None:
 def _fsync_path(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+def _ordinary_modes(root: Path) -> None:
+    """Give every file under ``root`` the umask's mode, whatever its writer chose (safetensors
+    writes 0600): a saved model is for others to read, as ``cp`` would leave it."""
+    mode = 0o666 & ~_umask()
+    if not root.is_dir():
+        root.chmod(mode)
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            os.chmod(Path(dirpath) / name, mode)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -12,9 +12,13 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors."""
+    """Base for every config section: unknown keys are errors, and values are not coerced
+    (pydantic's strict mode): ``"32"``, ``4.0`` for an integer and ``"yes"`` for a boolean are
+    refused, not silently converted. An integer is still a valid float. A field that means to
+    take several types says so in its annotation (``int | str``), or opts out with
+    ``Field(strict=False)``."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class NoOptions(StrictModel):

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llmc_core.errors import LlmcError
+from llmc_core.errors import LlmcError, damaged_file_errors, first_line
 
 QPARAMS_FILE = "llmc_qparams.safetensors"
 INFO_FILE = "llmc_quant.json"
@@ -106,15 +106,16 @@ def read_quantized(folder: str | Path, model: Any) -> dict[str, Any]:
 
     from llmc_core.layer_ops import weight_of
     from llmc_core.quant.fake import QuantizedWeight
-    from llmc_core.quant.spec import QuantSpec
 
     folder = Path(folder)
     info_path = folder / INFO_FILE
     if not info_path.is_file() or not (folder / QPARAMS_FILE).is_file():
         raise LlmcError(f"{folder}: no {QPARAMS_FILE} beside the weights (the folder was not written by save_fake of this llmc version); run the config again with the export's save flag (e.g. save.save_vllm: true).")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    specs = {name: QuantSpec.model_validate(info.get("layer_weight", {}).get(name, info["weight"])) for name in info["quantized_layers"]}
-    tensors = load_file(str(folder / QPARAMS_FILE))
+    specs = _read_info(info_path)
+    try:
+        tensors = load_file(str(folder / QPARAMS_FILE))
+    except damaged_file_errors() as exc:
+        raise LlmcError(f"{folder / QPARAMS_FILE}: cannot be read ({first_line(exc)}); the folder is damaged, save it again from the run.") from exc
     out = {}
     for name, spec in specs.items():
         try:
@@ -127,11 +128,34 @@ def read_quantized(folder: str | Path, model: Any) -> dict[str, Any]:
         if f"{name}.g_idx" in tensors:
             qw.g_idx = tensors[f"{name}.g_idx"]
         qw.global_scale = tensors.get(f"{name}.global_scale")
-        qw.codes = tensors[f"{name}.codes"] if f"{name}.codes" in tensors else recover_codes(weight, qw)
-        if not _same(dequantize(qw, weight.dtype), weight):
+        try:
+            if qw.zeros.shape != scales.shape or scales.ndim != 2:
+                raise ValueError(f"scales {tuple(scales.shape)}, zeros {tuple(qw.zeros.shape)}")
+            qw.codes = tensors[f"{name}.codes"] if f"{name}.codes" in tensors else recover_codes(weight, qw)
+            fake = dequantize(qw, weight.dtype)
+        except (RuntimeError, IndexError, ValueError) as exc:  # shapes or indices that do not fit the weight
+            raise LlmcError(f"{folder}: the parameters of {name} in {QPARAMS_FILE} do not fit its weight {tuple(weight.shape)} ({first_line(exc)}); the folder is damaged, save it again from the run.") from None
+        if not _same(fake, weight):
             raise LlmcError(f"{folder}: the weights of {name} are not what {QPARAMS_FILE} quantizes to (was the model changed after saving?); save it again from the run.")
         out[name] = qw
     return out
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    """``{layer name: QuantSpec}`` from ``llmc_quant.json``; anything malformed is one error line."""
+    from pydantic import ValidationError
+
+    from llmc_core.quant.spec import QuantSpec
+
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        layers, per_layer = info["quantized_layers"], info.get("layer_weight", {})
+        if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers) or not isinstance(per_layer, dict):
+            raise TypeError("quantized_layers must be a list of layer names, layer_weight a mapping")
+        return {name: QuantSpec.model_validate(per_layer.get(name, info["weight"])) for name in layers}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ValidationError) as exc:  # JSONDecodeError is a ValueError
+        what = f"no key {exc}" if isinstance(exc, KeyError) else first_line(exc)
+        raise LlmcError(f"{path}: not a valid {INFO_FILE} ({what}); the folder is damaged, save it again from the run.") from None
 
 
 def _same(a: Any, b: Any) -> bool:

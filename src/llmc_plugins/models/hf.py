@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from pydantic import field_validator
 
 from llmc_core.api import StrictModel
-from llmc_core.errors import LlmcError
+from llmc_core.errors import LlmcError, damaged_file_errors, first_line
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -29,12 +37,63 @@ class HFModelConfig(StrictModel):
     tokenizer_mode: Literal["fast", "slow"] = "fast"
     trust_remote_code: bool = False
 
+    @field_validator("path")
+    @classmethod
+    def _weights_are_whole(cls, value: str) -> str:
+        if os.path.isdir(value):  # a hub id or a .gguf file is read when the model loads
+            problems = [p for f in sorted(Path(value).glob("*.safetensors")) if (p := safetensors_problem(f))]
+            if problems:
+                raise ValueError("; ".join(problems))
+        return value
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (a header that does not parse, tensors that end
+    past the end of the file), from its header alone; None when it is whole. Cheap: the header is
+    a few KB however big the file is."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little") if size >= 8 else None
+            if length is None or length > size - 8:
+                return f"{path.name} is cut short ({size} bytes, less than its header says); download or save the model again"
+            header = json.loads(fh.read(length))
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        return f"{path.name} is not a readable safetensors file ({first_line(exc)}); download or save the model again"
+    need = 8 + length + max(ends, default=0)
+    if need > size:
+        return f"{path.name} is cut short: its tensors need {need} bytes, the file has {size}; download or save the model again"
+    return None
+
 
 def _split_gguf(path: str) -> tuple[str, dict[str, Any]]:
     p = Path(path)
     if p.suffix == ".gguf":
         return str(p.parent), {"gguf_file": p.name}
     return path, {}
+
+
+def _damaged_files_are_errors(load: F) -> F:
+    """A model file that cannot be read (truncated safetensors, a GGUF cut inside its header, a
+    pickle that ``torch.load(weights_only=True)`` refuses) is one error line naming ``model.path``."""
+
+    @functools.wraps(load)
+    def wrapper(config: HFModelConfig, *args: Any) -> Any:
+        try:
+            return load(config, *args)
+        except LlmcError:
+            raise
+        except damaged_file_errors() as exc:
+            import pickle
+
+            if isinstance(exc, pickle.UnpicklingError):  # torch's message is a page long
+                why = "a pickle weight file that torch.load(weights_only=True) refuses: it holds objects other than tensors, or is damaged. llmc never unpickles code; convert the model to safetensors where you trust it"
+            else:
+                why = f"{first_line(exc)}. If a file is truncated or damaged, download or save the model again"
+            raise LlmcError(f"model.path: {config.path} cannot be loaded ({why}).") from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 def read_model_type(config: HFModelConfig) -> str:
@@ -110,3 +169,8 @@ def load_hf(config: HFModelConfig, model_types: tuple[str, ...], family: str) ->
     tokenizer = AutoTokenizer.from_pretrained(tok_where, use_fast=config.tokenizer_mode == "fast", trust_remote_code=config.trust_remote_code, **tok_extra)
     model.config.use_cache = False
     return model, tokenizer
+
+
+# the two functions that read a model's files, each a damaged file's one error line
+read_model_type = _damaged_files_are_errors(read_model_type)
+load_hf = _damaged_files_are_errors(load_hf)
