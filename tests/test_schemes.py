@@ -87,7 +87,7 @@ def test_savers_and_methods_say_which_schemes_they_take(tiny_model_dir, corpus, 
         validate(_cfg(tmp_path, tiny_model_dir, corpus, scheme="FP8_DYNAMIC", method="awq"))
     assert any(line.startswith("quant.method: awq:") for line in exc.value.problems)
     with pytest.raises(LlmcError) as exc:
-        validate(_cfg(tmp_path, tiny_model_dir, corpus, scheme="W8A8", eval_pos=("fake_quant", "real_quant")))
+        validate(_cfg(tmp_path, tiny_model_dir, corpus, scheme="NVFP4A16", eval_pos=("fake_quant", "real_quant")))
     assert any(line.startswith("eval.eval_pos: real_quant:") for line in exc.value.problems)
 
 
@@ -293,3 +293,29 @@ def test_token_consistency_is_recorded_against_pretrain(tiny_model_dir, corpus, 
     same = res[("fake_quant", "ppl", "custom", "token_consistency")]
     assert 0.0 < same < 1.0  # W2A4 keeps some of a random tiny model's argmax tokens, not all
     assert ("pretrain", "ppl", "custom", "token_consistency") not in res
+
+
+@pytest.mark.parametrize("scheme", ["W8A8", "FP8_DYNAMIC", "FP8"])
+def test_real_quant_runs_8_bit_kernels_and_equals_fake_quant(tiny_model_dir, corpus, tmp_path, scheme):
+    """real_quant swaps in W8A8Linear (torch._int_mm / torch._scaled_mm on 8-bit operands): the
+    same numbers as fake_quant up to float32 summation order, and the layers really hold 8-bit weights."""
+    from llmc_core import config
+    from llmc_core.quant.w8a8 import W8A8Linear
+    from llmc_core.run import Run
+
+    seen = {}
+
+    class Probe:
+        @hookimpl
+        def llmc_evaluation_done(self, run, record):
+            seen[record.position] = [type(m).__name__ for m in run.model.modules() if isinstance(m, W8A8Linear) and m.weight.element_size() == 1]
+
+    cfg = _cfg(tmp_path, tiny_model_dir, corpus, scheme=scheme, eval_pos=("fake_quant", "real_quant"))
+    from llmc_core.testing import registered
+
+    with registered(Probe(), name=f"probe-{scheme}"):
+        run = Run(config.validate(cfg))
+        records = {r.position: r.value for r in run.execute()}
+    assert len(seen["real_quant"]) == len(run.quantized) and not seen["fake_quant"]
+    assert records["real_quant"] == pytest.approx(records["fake_quant"], rel=1e-4)
+    assert not any(isinstance(m, W8A8Linear) for m in run.model.modules())  # the float layers are back

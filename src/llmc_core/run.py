@@ -150,7 +150,7 @@ class Run:
             if "real_quant" in cfg.positions(steps=True):  # the packed int4 layers in place, then the float ones back
                 from llmc_core.quant.qlinear import quant_linears
 
-                with quant_linears(self.model, self.quantized):
+                with quant_linears(self.model, self.quantized, self.config.scheme, self.act_scales):
                     self.evaluate("real_quant")
         self.save("fake_quant")
         self.run_steps(DOWNSTREAM)

@@ -82,9 +82,12 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def replace_linears(model: nn.Module, quantized: Mapping[str, Any]) -> dict[str, nn.Module]:
+def replace_linears(model: nn.Module, quantized: Mapping[str, Any], scheme: Any = None, act_scales: Mapping[str, Any] | None = None) -> dict[str, nn.Module]:
     """Swap each layer named in ``quantized`` (full name -> ``QuantizedWeight``) for a
-    :class:`QuantLinear` on the same device; return the replaced modules by name."""
+    :class:`QuantLinear` (W4A16) or, when ``scheme`` quantizes activations to 8 bits, a
+    :class:`~llmc_core.quant.w8a8.W8A8Linear` (which quantizes its input itself; the fake
+    activation quantizer stays on the replaced module) on the same device; return the replaced
+    modules by name."""
     originals: dict[str, nn.Module] = {}
     try:
         for name, qw in quantized.items():
@@ -94,7 +97,13 @@ def replace_linears(model: nn.Module, quantized: Mapping[str, Any]) -> dict[str,
                 raise LlmcError(f"{name}: quantized layer not found in the model; were the layers renamed after quantization?") from exc
             if not isinstance(linear, nn.Linear):
                 raise LlmcError(f"{name}: expected an nn.Linear to replace, found {type(linear).__name__}.")
-            q = QuantLinear.from_quantized(qw, linear.bias, name, device=linear.weight.device)
+            if scheme is not None and scheme.act is not None:
+                from llmc_core.quant.w8a8 import W8A8Linear
+
+                static = (act_scales or {}).get(name) if scheme.act.static else None
+                q = W8A8Linear.from_quantized(qw, scheme.act, static, linear.bias, linear.weight.device)
+            else:
+                q = QuantLinear.from_quantized(qw, linear.bias, name, device=linear.weight.device)
             parent, child = _parent(model, name)
             setattr(parent, child, q)
             originals[name] = linear
@@ -109,16 +118,18 @@ def restore_linears(model: nn.Module, originals: Mapping[str, nn.Module]) -> Non
     for name, linear in originals.items():
         parent, child = _parent(model, name)
         current = getattr(parent, child)
-        device = current.qweight.device if isinstance(current, QuantLinear) else None
+        held = getattr(current, "qweight", None) if isinstance(current, QuantLinear) else getattr(current, "weight", None)
+        device = held.device if held is not None and not isinstance(current, nn.Linear) else None
         setattr(parent, child, linear.to(device) if device is not None else linear)
 
 
 @contextmanager
-def quant_linears(model: nn.Module, quantized: Mapping[str, Any]) -> Iterator[nn.Module]:
-    """``with quant_linears(model, run.quantized): ...`` runs ``model`` with real int4 layers."""
+def quant_linears(model: nn.Module, quantized: Mapping[str, Any], scheme: Any = None, act_scales: Mapping[str, Any] | None = None) -> Iterator[nn.Module]:
+    """``with quant_linears(model, run.quantized): ...`` runs ``model`` with real int4 layers
+    (with ``scheme`` and its static ``act_scales``: real W8A8 layers where the scheme is one)."""
     if not quantized:
         raise LlmcError("No quantized layers to pack: the quant method returned no integer weights (Run.quantized is empty).")
-    originals = replace_linears(model, quantized)
+    originals = replace_linears(model, quantized, scheme, act_scales)
     try:
         yield model
     finally:

@@ -33,9 +33,15 @@ def real_quant_problems(scheme: Any) -> list[str]:
     """Why llmc has no real-quantized kernel for ``scheme`` (empty list: ``real_quant`` can run it).
 
     ``real_quant`` runs packed int4 weights (W4A16 per-group: the Triton kernel on CUDA, the torch
-    reference elsewhere); other schemes are measured at ``fake_quant``.
+    reference elsewhere) and 8-bit weights with 8-bit activations (INT8 W8A8 through
+    ``torch._int_mm``, FP8 through ``torch._scaled_mm``; :mod:`llmc_core.quant.w8a8`); other
+    schemes are measured at ``fake_quant``.
     """
     w = scheme.weight
     if scheme.weight_only and not w.is_float:
         return awq_problems(w.bit, w.granularity, w.group_size)
-    return [f"llmc's real-quantized layers run W4A16 integer weights only, not {scheme.describe()}"]
+    if scheme.act is not None and w.num_bits == 8 and scheme.act.num_bits == 8:
+        from llmc_core.quant.w8a8 import w8a8_problems
+
+        return w8a8_problems(scheme)
+    return [f"llmc's real-quantized layers run W4A16 integer weights and INT8 / FP8 W8A8, not {scheme.describe()}"]

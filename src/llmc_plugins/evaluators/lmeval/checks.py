@@ -27,10 +27,10 @@ def rule_problems(cfg: Any, options: Any) -> list[str]:
         lines.append(f"lm_eval.eval_mode: {', '.join(quantized)} needs a quant section (or use eval_mode: [pretrain]).")
     if "transformed" in options.eval_mode and cfg.quant is not None and cfg.quant.quant_out:
         lines.append("lm_eval.eval_mode: quant.quant_out: true quantizes during the transform, so there is no float 'transformed' model; remove 'transformed'.")
-    if "real_quant" in options.eval_mode and cfg.weight is not None:
-        from llmc_core.quant.rules import awq_problems
+    if "real_quant" in options.eval_mode and getattr(cfg, "scheme", None) is not None:
+        from llmc_core.quant.rules import real_quant_problems
 
-        lines += [f"lm_eval.eval_mode: real_quant: {p}. Use fake_quant instead." for p in awq_problems(cfg.weight.bit, cfg.weight.granularity, cfg.weight.group_size)]
+        lines += [f"lm_eval.eval_mode: real_quant: {p}. Use fake_quant instead." for p in real_quant_problems(cfg.scheme)]
     problem = output_folder_problem("lm_eval.output_path", options.output_path, cfg, "lm-eval results")
     if problem:
         lines.append(problem)
