@@ -148,7 +148,7 @@ def main() -> None:
             extra += [f"quant.method={method.upper()}"] + (["quant.special={forward_dtype: float32}"] if method == "gptq" else [])
             llmc([str(cfg), *common, *extra, *overrides, f"save.save_path={save}", "eval.eval_pos=[fake_quant]"], save / "llmc.log" if save.exists() else None)
             row = {"method": method, "scheme": name, "ppl": ppl_of(save, "fake_quant")}
-            if not args.no_loader:
+            if not args.no_loader and method == "rtn":
                 row["loader_ppl"] = loader_ppl(save / "vllm_quant_model", ids, args.windows)
             if method == "rtn":
                 from safetensors.torch import load_file

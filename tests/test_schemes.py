@@ -319,3 +319,36 @@ def test_real_quant_runs_8_bit_kernels_and_equals_fake_quant(tiny_model_dir, cor
     assert len(seen["real_quant"]) == len(run.quantized) and not seen["fake_quant"]
     assert records["real_quant"] == pytest.approx(records["fake_quant"], rel=1e-4)
     assert not any(isinstance(m, W8A8Linear) for m in run.model.modules())  # the float layers are back
+
+
+def test_savers_get_a_narrow_view_that_still_serves_old_plugins(tiny_model_dir, corpus, tmp_path):
+    """A saver is handed the saver view: its fields read through; anything else of the run is
+    still served (a plugin written before role views keeps working) with a DeprecationWarning;
+    writing to the run is refused."""
+    from llmc_core.api import Saver
+    from llmc_core.testing import registered
+
+    seen = {}
+
+    class Peek(Saver):
+        name = "peek"
+        folder = "peek_model"
+
+        def save(self, state, folder):
+            seen["type"] = type(state).__name__
+            seen["layers"] = len(state.quantized)
+            with pytest.warns(DeprecationWarning, match="calib_batches"):
+                seen["batches"] = state.calib_batches
+            with pytest.raises(AttributeError):
+                state.model = None
+
+    class Plugin:
+        @hookimpl
+        def llmc_register_savers(self, register):
+            register(Peek)
+
+    with registered(Plugin(), name="peek-saver"):
+        cfg = _cfg(tmp_path, tiny_model_dir, corpus, weight={"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 32}, eval_pos=("fake_quant",), save_peek=True)
+        res = run_cli("run", str(write_config(tmp_path / "c.yml", cfg)))
+    assert res.exit_code == 0, res.stderr
+    assert seen["type"] == "RoleView" and seen["layers"] == 14 and seen["batches"] == []

@@ -102,7 +102,8 @@ def environment(state: RunState | None = None) -> dict[str, str]:
 
 def _summary(state: RunState) -> list[str]:
     cfg = state.config
-    method = f"{cfg.quant.method} ({cfg.scheme.describe()})" if cfg.quant is not None else "none (evaluation only)"
+    scheme = getattr(cfg, "scheme", None) or getattr(cfg, "weight", None)  # a Scheme, or a weight spec alone
+    method = f"{cfg.quant.method} ({scheme.describe()})" if cfg.quant is not None else "none (evaluation only)"
     model = cfg.raw.get("model", {})
     lines = [
         f"- model: {model.get('type')} from `{model.get('path')}`",

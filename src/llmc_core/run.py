@@ -25,6 +25,7 @@ from llmc_core.memory import peak_rss_mb, release_heap, reset_peak_rss
 from llmc_core.plugins import PluginManager, get_manager
 from llmc_core.progress import progress
 from llmc_core.results import EvalRecord, render_table, write_json
+from llmc_core.state import EVALUATOR_VIEW, SAVER_VIEW, STEP_VIEW, RoleView
 
 log = logging.getLogger("llmc")
 
@@ -317,7 +318,7 @@ class Run:
             for evaluator, options in self.config.evals:
                 if position in options.eval_pos:
                     with self.stage(f"eval {position} ({evaluator.name} {getattr(options, 'name', '')})"):
-                        self._record(evaluator().evaluate(self, options, position))
+                        self._record(evaluator().evaluate(RoleView(self, EVALUATOR_VIEW, "evaluator"), options, position))
         finally:
             if listen:
                 self.layer_errors.stop()
@@ -330,7 +331,7 @@ class Run:
         for step, options in self.config.steps.values():
             if position in step.positions(options):
                 with self.stage(f"eval {position} ({step.name})" if position in POSITIONS else step.name):
-                    self._record(step().evaluate(self, options, position))
+                    self._record(step().evaluate(RoleView(self, STEP_VIEW, "step"), options, position))
 
     def _record(self, records: list[EvalRecord]) -> None:
         for r in records:
@@ -351,7 +352,7 @@ class Run:
                 continue
             overwrite = self.config.save.overwrite or self.resume  # a resumed run may redo a save cut short
             with self.stage(f"save {saver_cls.name}"), atomic_folder(target, overwrite=overwrite) as tmp:
-                saver_cls().save(self, str(tmp))
+                saver_cls().save(RoleView(self, SAVER_VIEW, "saver"), str(tmp))
             self.saved[saver_cls.name] = target
             self.checkpoint.mark_saved(saver_cls.name)
             log.info("saved %s model to %s", saver_cls.name, target)

@@ -77,3 +77,39 @@ class ModelState:
     scheme: Any = None
     act_scales: dict[str, Any] = field(default_factory=dict)
     kv_scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# -- role views: what each kind of plugin is handed ---------------------------------------------
+
+SAVER_VIEW = ("config", "manager", "resume", "model", "tokenizer", "quantized", "scheme", "act_scales", "kv_scales")
+EVALUATOR_VIEW = ("config", "manager", "model", "tokenizer", "adapter", "device", "cache", "scheme", "quantized")
+STEP_VIEW = (*EVALUATOR_VIEW, "saved", "results", "stages", "resume")
+
+
+class RoleView:
+    """A narrow view of a run for one kind of plugin: the attributes of its role (``SAVER_VIEW``,
+    ``EVALUATOR_VIEW``, ``STEP_VIEW``), read through to the run, so a saver sees the model, its
+    quantized layers and scheme, not the checkpoint or the calibration batches.
+
+    Compatibility with the plugin API before role views: any other :class:`RunState` attribute is
+    still served, with a ``DeprecationWarning`` naming the role, so a plugin written against the
+    earlier docs keeps running; ``docs/plugins/index.md`` lists what each role holds. Setting an
+    attribute is refused: plugins report through their return values.
+    """
+
+    __slots__ = ("_state", "_fields", "_role")
+
+    def __init__(self, state: Any, fields: tuple[str, ...], role: str):
+        object.__setattr__(self, "_state", state)
+        object.__setattr__(self, "_fields", frozenset(fields))
+        object.__setattr__(self, "_role", role)
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self._fields and not name.startswith("__"):
+            import warnings
+
+            warnings.warn(f"a {self._role} read run.{name}, which is not part of the {self._role} view ({', '.join(sorted(self._fields))}); it is served for compatibility and may go in a later plugin API", DeprecationWarning, stacklevel=2)
+        return getattr(self._state, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a {self._role} cannot set run.{name}: return results instead")
