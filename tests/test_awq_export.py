@@ -166,7 +166,7 @@ def test_export_end_to_end_dequantizes_to_save_fake(tiny_model_dir, tiny_text_fi
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmc_core.quant.awq_format import load_awq_folder
+    from llmc_plugins.savers.awq_format import load_awq_folder
 
     out = tmp_path / "out"
     run = Run(config.validate(_cfg(tiny_model_dir, tiny_text_file, out)))

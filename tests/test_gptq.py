@@ -392,7 +392,7 @@ def test_actorder_without_static_groups_cannot_be_packed(what, tiny_model_dir, t
 def test_actorder_static_groups_round_trips_through_save_awq(tiny_model_dir, tiny_text_file, tmp_path):
     from safetensors.torch import load_file
 
-    from llmc_core.quant.awq_format import load_awq_folder
+    from llmc_plugins.savers.awq_format import load_awq_folder
     from llmc_core.quant.pack import unpack_awq, AwqTensors
 
     out = tmp_path / "out"

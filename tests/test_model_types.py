@@ -74,7 +74,7 @@ def test_an_explicit_type_is_checked_against_the_checkpoint(corpus, tmp_path):
 def test_save_awq_of_a_dense_family_loads_to_the_fake_quant_logits(model_type, corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from llmc_core.quant.awq_format import load_awq_folder
+    from llmc_plugins.savers.awq_format import load_awq_folder
 
     folder = save_tiny_model(tmp_path / "model", model_type)
     cfg = quick(run_config(folder, corpus, tmp_path / "out", method="rtn", group_size=16, eval_pos=("fake_quant",)))

@@ -39,7 +39,7 @@ def _cfg(tmp_path, model_dir, corpus, scheme=None, weight=None, act=None, kvcach
 
 def test_every_preset_matches_compressed_tensors_own_table():
     ct = pytest.importorskip("compressed_tensors.quantization.quant_scheme")
-    from llmc_core.quant.ct_format import ct_scheme
+    from llmc_plugins.savers.ct_format import ct_scheme
 
     for name, parts in PRESETS.items():
         ours = ct_scheme(Scheme(QuantSpec.model_validate(parts["weight"]), QuantSpec.model_validate(parts["act"]) if "act" in parts else None))

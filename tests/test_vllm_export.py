@@ -22,7 +22,7 @@ from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: E402
 
-from llmc_core.quant.ct_format import check_plain_linears, compress_layer, quantization_config  # noqa: E402
+from llmc_plugins.savers.ct_format import check_plain_linears, compress_layer, quantization_config  # noqa: E402
 
 SPECS = [
     pytest.param(dict(bit=4, symmetric=False, granularity="per_group", group_size=32), id="w4-asym-g32"),

@@ -14,7 +14,7 @@ class SaveAwq(Saver):
     per-group (symmetric specs are stored with zero point 8). With ``quant.weight.scale_dtype:
     float16`` the folder dequantizes to exactly the ``save_fake`` weights; with float32 scales
     the export rounds them to float16 (a warning gives the size). llmc reads the folder back
-    with ``llmc_core.quant.awq_format.load_awq_folder``.
+    with ``llmc_plugins.savers.awq_format.load_awq_folder``.
     """
 
     name = "awq"
@@ -39,6 +39,6 @@ class SaveAwq(Saver):
             raise LlmcError(problem)
 
     def save(self, state, folder):
-        from llmc_core.quant.awq_format import write_awq_folder
+        from llmc_plugins.savers.awq_format import write_awq_folder
 
         write_awq_folder(state.model, state.quantized, folder, state.tokenizer)

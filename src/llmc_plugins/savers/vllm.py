@@ -24,7 +24,7 @@ class SaveVllm(Saver):
     float. Needs ``quant.weight.bit`` 4 or 8 and the ``compressed-tensors`` package
     (``pip install 'llmc[vllm]'``); any granularity (per-tensor is stored as equal per-channel
     scales). Only plain 2-D linear layers: MoE experts are refused. The packing is done by
-    compressed-tensors itself (:mod:`llmc_core.quant.ct_format`). ``llmc export SAVE_PATH --to
+    compressed-tensors itself (:mod:`llmc_plugins.savers.ct_format`). ``llmc export SAVE_PATH --to
     vllm`` writes the same folder later from a ``fake_quant_model``.
     """
 
@@ -34,18 +34,18 @@ class SaveVllm(Saver):
 
     @classmethod
     def accepts(cls, scheme):
-        from llmc_core.quant.ct_format import ct_problems
+        from llmc_plugins.savers.ct_format import ct_problems
 
         return [f"{p}. Save the fake-quantized model with save.save_fake instead, or change the scheme." for p in ct_problems(scheme)]
 
     def check(self, run_config):
-        from llmc_core.quant.ct_format import missing_package
+        from llmc_plugins.savers.ct_format import missing_package
 
         missing = missing_package()
         if missing:
             raise LlmcError(f"save.save_vllm: {missing}.")
 
     def save(self, state, folder):
-        from llmc_core.quant.ct_format import write_ct_folder
+        from llmc_plugins.savers.ct_format import write_ct_folder
 
         write_ct_folder(state.model, state.quantized, folder, state.tokenizer, scheme=getattr(state, "scheme", None), act_scales=getattr(state, "act_scales", None), kv_scales=getattr(state, "kv_scales", None))

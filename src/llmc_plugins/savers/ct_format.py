@@ -231,7 +231,7 @@ def write_ct_folder(model: Any, quantized: Mapping[str, Any], folder: str | Path
     """
     import json
 
-    from llmc_core.quant.awq_format import unquantized_linears
+    from llmc_plugins.savers.awq_format import unquantized_linears
     from llmc_core.quant.scheme import Scheme
 
     missing = missing_package()
