@@ -140,17 +140,7 @@ class TxtGeneral(Preproc):
     aliases = ("general",)
 
     def samples(self, rows, tokenizer, n_samples, seq_len, seed):
-        import torch
-
-        out = []
-        for i in _dataset_order(len(rows), seed):
-            if len(out) == n_samples:
-                break
-            if not rows[i].strip():
-                continue
-            ids = _encode_truncated(tokenizer, rows[i], seq_len)
-            if len(ids) == seq_len:
-                out.append(torch.tensor([ids], dtype=torch.long))
+        out = _truncated_documents(rows, tokenizer, n_samples, seq_len, seed, lambda n: n == seq_len)
         if len(out) < n_samples:
             raise LlmcError(
                 f"calib.n_samples: txt_general_preproc needs {n_samples} documents of at least {seq_len} tokens (calib.seq_len), "
@@ -187,17 +177,7 @@ class PilevalSmooth(Preproc):
     same_length: ClassVar[bool] = False  # read by this package's llmc_run_start: calib.bs must be 1
 
     def samples(self, rows, tokenizer, n_samples, seq_len, seed):
-        import torch
-
-        out = []
-        for i in _dataset_order(len(rows), seed):
-            if len(out) == n_samples:
-                break
-            if not rows[i].strip():
-                continue
-            ids = _encode_truncated(tokenizer, rows[i], seq_len)
-            if ids:
-                out.append(torch.tensor([ids], dtype=torch.long))
+        out = _truncated_documents(rows, tokenizer, n_samples, seq_len, seed, lambda n: n > 0)
         if len(out) < n_samples:
             raise LlmcError(
                 f"calib.n_samples: pileval_smooth takes one sample per document and needs {n_samples}, "
@@ -365,3 +345,20 @@ class UltrachatGeneral(Preproc):
             ids = _encode_truncated(tokenizer, text, seq_len, special=False)
             out.append(torch.tensor([ids], dtype=torch.long))
         return out
+
+
+def _truncated_documents(rows, tokenizer, n_samples, seq_len, seed, keep):
+    """Up to ``n_samples`` ``[1, L]`` samples: the non-empty documents in the seed's shuffled order,
+    each cut to its first ``seq_len`` tokens, kept when ``keep(L)``."""
+    import torch
+
+    out = []
+    for i in _dataset_order(len(rows), seed):
+        if len(out) == n_samples:
+            break
+        if not rows[i].strip():
+            continue
+        ids = _encode_truncated(tokenizer, rows[i], seq_len)
+        if keep(len(ids)):
+            out.append(torch.tensor([ids], dtype=torch.long))
+    return out
