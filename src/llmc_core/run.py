@@ -278,7 +278,7 @@ class Run:
         linears = self.adapter.named_quant_linears()
         problems = []
         if scheme.act is not None:
-            fused = [n for n in linears if not isinstance(_submodule(self.model, n), torch.nn.Linear)]
+            fused = [n for n, lin in linears.items() if not isinstance(lin, torch.nn.Linear)]  # as weights.int4_layer_problem tells them
             if fused:
                 problems.append(f"quant.act: {fused[0]} (and {len(fused) - 1} more) are fused MoE experts (3-D weights, no module per expert), whose inputs llmc cannot quantize yet; quantize weights only (remove quant.act) for this model.")
             g = scheme.act.group_size if scheme.act.granularity == "per_group" else None
@@ -382,9 +382,3 @@ class Run:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-
-def _submodule(model: Any, name: str) -> Any:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
