@@ -96,10 +96,6 @@ class Quantizers:
             h.remove()
         self.handles = []
 
-    @property
-    def installed(self) -> int:
-        return len(self.handles)
-
 
 def install(model: nn.Module, scheme: Any, layers: Iterable[str], act_scales: Mapping[str, torch.Tensor], kv_scales: Mapping[str, Mapping[str, torch.Tensor]], attention: Mapping[str, nn.Module] | None = None) -> Quantizers:
     """Put ``scheme``'s activation quantizers on ``layers`` (full names of quantized linears) and
