@@ -87,11 +87,69 @@ def _safe(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.finfo(torch.float32).eps, s)
 
 
-INDEPENDENT = {  # row name -> (weight rule, activation rule or None, static activations)
+def _int(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    return (x / scale).round().clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+
+
+def _groups(x: torch.Tensor, size: int) -> torch.Tensor:
+    return x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # the FP4 values; an even index is an even mantissa
+
+
+def _e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Nearest FP4 value by table lookup (ties to the even-mantissa neighbour, saturating at 6)."""
+    a = x.abs().clamp(max=6.0).unsqueeze(-1)
+    dist = (a - E2M1).abs()
+    best = dist.min(-1, keepdim=True).values
+    tied = dist == best
+    # of the (at most two) nearest values take the even index when there is a tie
+    idx = torch.where(tied.sum(-1) > 1, (tied & (torch.arange(8) % 2 == 0)).float().argmax(-1), dist.argmin(-1))
+    return E2M1[idx] * x.sign()
+
+
+def _nvfp4(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """NVFP4: a per-tensor fp32 global scale 448*6/amax over fp8 e4m3 scales per 16 values."""
+    gs = 448 * 6 / amax.float().clamp(min=torch.finfo(torch.float32).tiny)
+    g = _groups(x, 16)
+    s = (gs * (g.abs().amax(-1, keepdim=True) / 6)).clamp(max=448).to(torch.float8_e4m3fn).float()
+    eff = torch.where(s == 0, 0.125, s) / gs
+    return (_e2m1(g / eff) * eff).reshape(x.shape)
+
+
+def _mxfp4(x: torch.Tensor) -> torch.Tensor:
+    """MXFP4: power-of-two scales per 32 values, 2**(e - 2) with e = floor(log2 amax), one more when
+    amax's significand is >= 1.75 (compressed-tensors' rounding of amax to a power of two)."""
+    g = _groups(x, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    e = torch.floor(torch.log2(amax))
+    e = torch.where(amax / 2**e >= 1.75, e + 1, e)
+    scale = torch.where(amax == 0, 2.0**-127, 2.0 ** (e - 2))
+    return (_e2m1(g / scale) * scale).reshape(x.shape)
+
+
+def _fp8_block(w: torch.Tensor, size: int) -> torch.Tensor:
+    o, i = w.shape
+    b = w.reshape(o // size, size, i // size, size)
+    return _fp8(b, _safe(b.abs().amax((1, 3), keepdim=True) / 448)).reshape(o, i)
+
+
+def _fp8_group(x: torch.Tensor, size: int) -> torch.Tensor:
+    g = _groups(x, size)
+    return _fp8(g, _safe(g.abs().amax(-1, keepdim=True) / 448)).reshape(x.shape)
+
+
+INDEPENDENT = {  # row name -> (weight rule, activation rule or None); s: the static input scale llmc calibrated
     "FP8 weights only": (lambda w: _fp8(w, _safe(w.abs().amax(1, keepdim=True) / 448)), None),
     "FP8_DYNAMIC": (lambda w: _fp8(w, _safe(w.abs().amax(1, keepdim=True) / 448)), lambda x, s: _fp8(x, _safe(x.abs().amax(-1, keepdim=True) / 448))),
     "INT8 W8A8 (per-channel / per-token)": (lambda w: _int8(w, _safe(w.abs().amax(1, keepdim=True) / 127)), lambda x, s: _int8(x, _safe(x.abs().amax(-1, keepdim=True) / 127))),
     "FP8 static per-tensor act": (lambda w: _fp8(w, _safe(w.abs().amax() / 448)), lambda x, s: _fp8(x, s)),
+    "FP8_BLOCK (64x64, act g64)": (lambda w: _fp8_block(w, 64), lambda x, s: _fp8_group(x, 64)),
+    # NVFP4's static input scale in llmc_qparams is the calibrated max |x| the global scale is made of
+    "NVFP4": (lambda w: _nvfp4(w, w.abs().amax()), lambda x, s: _nvfp4(x, s)),
+    "MXFP4": (_mxfp4, lambda x, s: _mxfp4(x)),
+    "W4A8 (int4 g64, int8 per-token)": (lambda w: _int(_groups(w, 64), _safe(_groups(w, 64).abs().amax(-1, keepdim=True) / 7), 4).reshape(w.shape), lambda x, s: _int8(x, _safe(x.abs().amax(-1, keepdim=True) / 127))),
 }
 
 
@@ -122,7 +180,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32, help="calibration samples of 512 tokens (GPTQ, static scales)")
     ap.add_argument("--only", nargs="*", help="row names to run (default: all)")
     ap.add_argument("--no-loader", action="store_true", help="skip loading each exported folder with transformers")
+    ap.add_argument("--check-windows", type=int, help="windows for the loader and independent-loop checks (default: --windows)")
     args = ap.parse_args()
+    checks = args.check_windows or args.windows
     args.out.mkdir(parents=True, exist_ok=True)
     hf = convert(args.out)
     ids = eval_ids(hf)
@@ -149,12 +209,12 @@ def main() -> None:
             llmc([str(cfg), *common, *extra, *overrides, f"save.save_path={save}", "eval.eval_pos=[fake_quant]"], save / "llmc.log" if save.exists() else None)
             row = {"method": method, "scheme": name, "ppl": ppl_of(save, "fake_quant")}
             if not args.no_loader and method == "rtn":
-                row["loader_ppl"] = loader_ppl(save / "vllm_quant_model", ids, args.windows)
+                row["loader_ppl"] = loader_ppl(save / "vllm_quant_model", ids, checks)
             if method == "rtn":
                 from safetensors.torch import load_file
 
                 qp = load_file(str(save / "fake_quant_model" / "llmc_qparams.safetensors"))
-                row["independent_ppl"] = independent_ppl(name, hf, ids, args.windows, {k.removesuffix(".input_scale"): v for k, v in qp.items() if k.endswith(".input_scale")})
+                row["independent_ppl"] = independent_ppl(name, hf, ids, checks, {k.removesuffix(".input_scale"): v for k, v in qp.items() if k.endswith(".input_scale")})
             rows.append(row)
             (args.out / "rows.json").write_text(json.dumps({"fp32": fp, "rows": rows}, indent=2))
             print(row, flush=True)
