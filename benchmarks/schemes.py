@@ -180,9 +180,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32, help="calibration samples of 512 tokens (GPTQ, static scales)")
     ap.add_argument("--only", nargs="*", help="row names to run (default: all)")
     ap.add_argument("--no-loader", action="store_true", help="skip loading each exported folder with transformers")
-    ap.add_argument("--check-windows", type=int, help="windows for the loader and independent-loop checks (default: --windows)")
     args = ap.parse_args()
-    checks = args.check_windows or args.windows
     args.out.mkdir(parents=True, exist_ok=True)
     hf = convert(args.out)
     ids = eval_ids(hf)
@@ -209,12 +207,12 @@ def main() -> None:
             llmc([str(cfg), *common, *extra, *overrides, f"save.save_path={save}", "eval.eval_pos=[fake_quant]"], save / "llmc.log" if save.exists() else None)
             row = {"method": method, "scheme": name, "ppl": ppl_of(save, "fake_quant")}
             if not args.no_loader and method == "rtn":
-                row["loader_ppl"] = loader_ppl(save / "vllm_quant_model", ids, checks)
+                row["loader_ppl"] = loader_ppl(save / "vllm_quant_model", ids, args.windows)
             if method == "rtn":
                 from safetensors.torch import load_file
 
                 qp = load_file(str(save / "fake_quant_model" / "llmc_qparams.safetensors"))
-                row["independent_ppl"] = independent_ppl(name, hf, ids, checks, {k.removesuffix(".input_scale"): v for k, v in qp.items() if k.endswith(".input_scale")})
+                row["independent_ppl"] = independent_ppl(name, hf, ids, args.windows, {k.removesuffix(".input_scale"): v for k, v in qp.items() if k.endswith(".input_scale")})
             rows.append(row)
             (args.out / "rows.json").write_text(json.dumps({"fp32": fp, "rows": rows}, indent=2))
             print(row, flush=True)
