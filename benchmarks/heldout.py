@@ -81,6 +81,20 @@ def ppls(save_path: Path, position: str) -> list[float]:
     return found
 
 
+def _overrides(text: str) -> list[str]:
+    """``KEY=VALUE[,KEY=VALUE]`` split at the commas outside YAML brackets (``quant.method=[Awq, GPTQ]``)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*out, cur] if cur else out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=21, help="WikiText-2 test windows (the usual table's 21)")
@@ -101,7 +115,7 @@ def main() -> None:
     common = [f"model.path={hf}", "model.type=llama", f"calib.n_samples={args.samples}", "save.overwrite=true"]
     rows, fp = [], None
     for bit in args.bits:
-        extra_rows = [(label, sets.split(",")) for label, sets in (v.split(":", 1) for v in args.variant)]
+        extra_rows = [(label, _overrides(sets)) for label, sets in (v.split(":", 1) for v in args.variant)]
         gptq = [] if args.only_variants and extra_rows else [("gptq", [])]
         runs = [("rtn", ["quant.method=RTN", "calib=null", "quant.special={}", "quant.weight.calib_algo=minmax"]), *(extra_rows + gptq if args.variants_first else gptq + extra_rows)]
         for label, extra in runs:

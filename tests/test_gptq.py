@@ -521,21 +521,3 @@ def test_smollm2_gptq_beats_rtn(smollm2_hf, shared_data, tmp_path):
     rtn = config.load("configs/quickstart/rtn_w4g64_smollm2.yml", [*common, f"save.save_path={tmp_path / 'rtn'}"])
     rtn_ppl = {r.position: r.value for r in Run(rtn).execute()}["fake_quant"]
     assert ppl < rtn_ppl
-
-
-def test_awq_scales_then_gptq_rounding(tiny_model_dir, tiny_text_file, tmp_path):
-    """AWQ's exact folding first (transformed computes what pretrain did), GPTQ's rounding after."""
-    cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", method="gptq", bit=3, eval_pos=("pretrain", "transformed", "fake_quant"), special={"awq": {"trans": True, "n_grid": 5}})
-    cfg["eval"]["num_samples"] = 4
-    run = Run(config.validate(cfg))
-    records = {r.position: r.value for r in run.execute()}
-    assert records["transformed"] == pytest.approx(records["pretrain"], rel=1e-4)
-    assert any("alpha" in e for e in run.method.awq.log) and len(run.method.log) == 14
-    scaled = run.model.model.layers[0].input_layernorm.weight
-    assert not torch.allclose(scaled, torch.ones_like(scaled))  # scales were folded into the norm
-
-
-def test_awq_deferred_clipping_is_refused(tiny_model_dir, tiny_text_file, tmp_path):
-    cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "out", method="gptq", special={"awq": {"weight_clip": True, "clip_version": "v2"}})
-    with pytest.raises(LlmcError, match="clip_version: v1"):
-        config.validate(cfg)

@@ -113,7 +113,8 @@ class Method(Plugin):
     """A compression method (``quant.method``), applied one decoder block at a time.
 
     The lifecycle, in order: :meth:`check` at config validation (before the model loads);
-    :meth:`check_model` once after the model loads; :meth:`transform_block` for each block with its
+    :meth:`check_model` once after the model loads; :meth:`transform_model` once (a whole-model
+    step; default: nothing); :meth:`transform_block` for each block with its
     cached inputs (only when :attr:`needs_calibration`); :meth:`quantize_block` for each block
     (right after ``transform_block`` with ``quant.quant_out: true``, else in a later pass);
     :meth:`finish` once after the last block call. With block checkpoints the runner keeps
@@ -154,6 +155,19 @@ class Method(Plugin):
 
         announce_weights(adapter, self.name)  # logs the counts by kind; refuses a model with nothing to quantize
         check_divisible(self.weight, adapter.named_quant_linears())
+
+    @classmethod
+    def transform_problems(cls, options: BaseModel) -> list[str]:
+        """Why this method cannot run with ``options`` as a transform of a recipe, before another
+        method quantizes (empty list: it can). E.g. a clipping that happens at quantization time
+        would be lost. Called at validation for every method of ``quant.method: [...]`` but the last."""
+        return []
+
+    def transform_model(self, adapter: ModelAdapter, device: torch.device) -> None:
+        """A whole-model step, once before the block pass (rotations, embedding-level
+        transforms): change ``adapter.model`` in place. The default does nothing. A resumed run
+        calls it again before restoring the finished blocks, so it must be deterministic (seed
+        from the config, never from the clock)."""
 
     def transform_block(self, ctx: BlockContext) -> None:
         """Apply equivalent transformations (and weight clipping) to ``ctx.block`` in place."""

@@ -71,7 +71,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from llmc_core import config
 
     cfg = config.load(args.config, args.overrides)
-    what = f"method {cfg.quant.method} ({cfg.scheme.describe()})" if cfg.quant else "no quantization"
+    what = f"method {cfg.quant.method_name} ({cfg.scheme.describe()})" if cfg.quant else "no quantization"
     print(f"{args.config}: OK — model {cfg.raw['model']['type']}, {what}, {len(cfg.evals)} evaluation(s).")
     if cfg.scheme is not None and (cfg.scheme.preset or not cfg.scheme.weight_only):  # the scheme as the run will use it
         import yaml

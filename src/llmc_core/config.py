@@ -87,13 +87,34 @@ class QuantSection(StrictModel):
     shorthand; raw here, validated into a :class:`~llmc_core.quant.scheme.Scheme`), and the
     method's own ``special`` options (raw here)."""
 
-    method: str
+    method: str | list[str]
     weight: dict[str, Any] | None = None
     act: dict[str, Any] | None = None
     kvcache: dict[str, Any] | None = None
     scheme: str | None = None
     special: dict[str, Any] = Field(default_factory=dict)
     quant_out: bool = False
+
+    @field_validator("method")
+    @classmethod
+    def _a_recipe_names_each_method_once(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("name a method, or a list of them (a recipe: transforms first, the quantizer last)")
+            low = [str(v).lower() for v in value]
+            if len(set(low)) != len(low):
+                raise ValueError("a recipe names each method once")
+        return value
+
+    @property
+    def methods(self) -> list[str]:
+        """The method names in order (one for a single method)."""
+        return list(self.method) if isinstance(self.method, list) else [self.method]
+
+    @property
+    def method_name(self) -> str:
+        """How logs and the report name the method or recipe (``SmoothQuant+GPTQ``)."""
+        return "+".join(self.methods)
 
 
 @dataclass
@@ -282,10 +303,14 @@ def validate(data: dict[str, Any], source: str = "<config>", manager: PluginMana
     quant = problems.validate(QuantSection, data["quant"], "quant") if data.get("quant") is not None else None
     method = weight = special = scheme = None
     if quant is not None:
-        method = _lookup(manager, problems, "method", quant.method, "quant.method")
+        many = len(quant.methods) > 1
+        classes = [_lookup(manager, problems, "method", n, f"quant.method.{i}" if many else "quant.method") for i, n in enumerate(quant.methods)]
         scheme = _scheme(quant, problems)
         weight = scheme.weight if scheme is not None else None
-        if method is not None:
+        if None not in classes and many:
+            method, special = _recipe(classes, quant, problems)
+        elif None not in classes:
+            method = classes[0]
             special = problems.validate(method.Config, quant.special, "quant.special")
 
     save = problems.validate(_save_model(manager), data["save"], "save") if data.get("save") is not None else None
@@ -329,6 +354,32 @@ def _scheme(quant: QuantSection, problems: _Problems) -> Scheme | None:
     return None if lines else scheme
 
 
+def _recipe(classes: list[type], quant: QuantSection, problems: _Problems) -> tuple[type | None, Any]:
+    """``quant.method: [A, B, ...]``: the recipe class and its options (each method's ``special``
+    under its name, defaults where absent)."""
+    from llmc_core.recipe import RecipeOptions, recipe_class
+
+    def index(key: str) -> int | None:
+        k = key.lower()
+        return next((i for i, c in enumerate(classes) if k == c.name.lower() or k in (a.lower() for a in c.aliases)), None)
+
+    raw: dict[int, tuple[str, Any]] = {}
+    listed = ", ".join(f"quant.special.{n}" for n in quant.methods)
+    for key, value in quant.special.items():
+        i = index(str(key))
+        if i is None:
+            problems.add(f"quant.special.{key}: with quant.method: [{', '.join(quant.methods)}] each method's options go under its name ({listed}); '{key}' names none of them.")
+        else:
+            raw[i] = (str(key), value)
+    opts = []
+    for i, cls in enumerate(classes):
+        key, value = raw.get(i, (quant.methods[i], {}))
+        opts.append(problems.validate(cls.Config, value if value is not None else {}, f"quant.special.{key}"))
+    if None in opts:
+        return None, None
+    return recipe_class(classes), RecipeOptions(steps=tuple(opts))
+
+
 def _lookup(manager: PluginManager, problems: _Problems, kind: str, name: Any, where: str) -> type | None:
     try:
         return manager.get(kind, str(name), where)
@@ -346,9 +397,9 @@ def _cross_section_rules(cfg: RunConfig, problems: _Problems) -> None:
 
         problems.lines.extend(f"eval.eval_pos: real_quant: {p}. Measure fake_quant instead." for p in real_quant_problems(cfg.scheme))
     if cfg.method is not None and cfg.scheme is not None:
-        problems.lines.extend(f"quant.method: {cfg.quant.method}: {p}" for p in cfg.method.accepts(cfg.scheme))
+        problems.lines.extend(f"quant.method: {cfg.quant.method_name}: {p}" for p in cfg.method.accepts(cfg.scheme))
     if cfg.needs_calibration and cfg.calib is None:
-        why = f"quant.method '{cfg.quant.method}' needs calibration data" if cfg.method.needs_calibration else "static activation / KV cache scales are calibrated on calibration data"
+        why = f"quant.method '{cfg.quant.method_name}' needs calibration data" if cfg.method.needs_calibration else "static activation / KV cache scales are calibrated on calibration data"
         problems.add(f"calib: {why}; add a calib section (e.g. name: pileval, path: ...).")
     if cfg.quantizes_in_block_pass and "transformed" in cfg.positions():
         problems.add("quant.quant_out: true quantizes blocks during calibration, so eval_pos 'transformed' cannot be measured; remove one of them.")

@@ -103,11 +103,12 @@ def environment(state: RunState | None = None) -> dict[str, str]:
 def _summary(state: RunState) -> list[str]:
     cfg = state.config
     scheme = getattr(cfg, "scheme", None) or getattr(cfg, "weight", None)  # a Scheme, or a weight spec alone
-    method = f"{cfg.quant.method} ({scheme.describe()})" if cfg.quant is not None else "none (evaluation only)"
+    method = f"{cfg.quant.method_name} ({scheme.describe()})" if cfg.quant is not None else "none (evaluation only)"
     model = cfg.raw.get("model", {})
     lines = [
         f"- model: {model.get('type')} from `{model.get('path')}`",
         f"- method: {method}",
+        *([f"- recipe: " + ", then ".join(f"{t['method']} ({t['seconds']:.1f} s in the block pass)" for t in state.method.timings())] if hasattr(getattr(state, "method", None), "timings") else []),
         f"- finished: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {sum(s['seconds'] for s in state.stages):.1f} s over {len(state.stages)} stages",
     ]
     ckpt = getattr(state, "checkpoint", None)

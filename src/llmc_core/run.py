@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc_core import __version__
-from llmc_core.api import DOWNSTREAM
+from llmc_core.api import DOWNSTREAM, Method
 from llmc_core.checkpoint import Checkpoint, NoCheckpoint
 from llmc_core.config import POSITIONS, RunConfig
 from llmc_core.errors import LlmcError
@@ -136,7 +136,10 @@ class Run:
             if cfg.needs_calibration:
                 with self.stage("calibration data"):
                     self.load_calibration()
-            with self.stage(f"{cfg.quant.method} transform"):
+            if type(self.method).transform_model is not Method.transform_model:
+                with self.stage(f"{cfg.quant.method_name} whole-model step"):
+                    self.method.transform_model(self.adapter, self.device)
+            with self.stage(f"{cfg.quant.method_name} transform"):
                 self.transform()
             self.evaluate("transformed")
             self.save("transformed")
@@ -144,7 +147,7 @@ class Run:
                 with self.stage("quantize"):
                     self.quantize()
             if not self.quantized:  # fail closed: never measure or save a float model as quantized
-                raise LlmcError(f"quant.method: {cfg.quant.method} quantized no layer (its quantize_block returned nothing), so fake_quant was neither measured nor saved. Report this with the config.")
+                raise LlmcError(f"quant.method: {cfg.quant.method_name} quantized no layer (its quantize_block returned nothing), so fake_quant was neither measured nor saved. Report this with the config.")
             self.method.finish(overwrite=bool(cfg.save is not None and cfg.save.overwrite) or self.resume)
             self.install_quantizers()  # activations and KV cache quantized from here on
             self.evaluate("fake_quant")
@@ -368,7 +371,10 @@ class Run:
                 self.kept_outputs = [n for n in self.output.kept() if n not in ("results.json", "report.md", "report.png")]
                 if self.kept_outputs:
                     log.warning("%s still holds %s from an earlier run (this run did not write them); see report.md", out, ", ".join(self.kept_outputs))
-            write_json(out / "results.json", self.results, {"config": self.config.source, "llmc_version": __version__, "stages": self.stages, "layer_errors": layers, "kept_from_earlier_run": self.kept_outputs})
+            extra = {"config": self.config.source, "llmc_version": __version__, "stages": self.stages, "layer_errors": layers, "kept_from_earlier_run": self.kept_outputs}
+            if hasattr(self.method, "timings"):  # a recipe: each method's seconds in the block pass
+                extra["recipe"] = self.method.timings()
+            write_json(out / "results.json", self.results, extra)
             from llmc_core.report import write_report
 
             write_report(self, out)

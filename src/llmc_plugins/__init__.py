@@ -8,6 +8,7 @@ DEFAULT_PLUGINS = (
     "llmc_plugins.methods.rtn",
     "llmc_plugins.methods.awq",
     "llmc_plugins.methods.gptq",
+    "llmc_plugins.methods.smoothquant",
     "llmc_plugins.evaluators.ppl",
     "llmc_plugins.evaluators.opencompass",
     "llmc_plugins.evaluators.lmeval",

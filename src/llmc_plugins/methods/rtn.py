@@ -36,6 +36,10 @@ class Rtn(Method):
     def accepts(cls, scheme):
         return []  # every scheme: the rounding is llmc_core.quant's, activations are the runner's
 
+    @classmethod
+    def transform_problems(cls, options):
+        return ["RTN only rounds the weights, it transforms nothing; put it last in quant.method (the quantizer), or leave it out"]
+
 
 @hookimpl
 def llmc_register_methods(register):

@@ -237,6 +237,12 @@ class Awq(Method):
         return []
 
     @classmethod
+    def transform_problems(cls, options: Any) -> list[str]:
+        if options.weight_clip and options.clip_version == "v2":
+            return ["clip_version: v2 clamps at quantization time, which the method after AWQ does; use clip_version: v1 (the clamp is folded into the float weights) or weight_clip: false"]
+        return []
+
+    @classmethod
     def check(cls, run_config: Any) -> None:
         opts = run_config.special
         overwrite = bool(run_config.save is not None and run_config.save.overwrite) or run_config.resume

@@ -11,7 +11,6 @@ from pydantic import Field, model_validator
 from llmc_core.api import Method, StrictModel
 from llmc_core.errors import LlmcError
 from llmc_core.schema import reject_unsupported
-from llmc_plugins.methods.awq.method import AwqConfig
 
 log = logging.getLogger("llmc.gptq")
 
@@ -20,6 +19,7 @@ UNSUPPORTED = {
     "owq": "OWQ (outlier columns kept in float) is not implemented; remove owq and n_outs",
     "n_outs": "it belongs to OWQ, which is not implemented; remove owq and n_outs",
     "quant_out": "it is a quant-level key in llmc as in ModelTC's configs: move it to quant.quant_out",
+    "awq": "AWQ before GPTQ is a recipe now: write quant.method: [Awq, GPTQ] with AWQ's options under quant.special.Awq and GPTQ's under quant.special.GPTQ",
 }
 
 class GptqConfig(StrictModel):
@@ -32,13 +32,6 @@ class GptqConfig(StrictModel):
     true_sequential: bool = True
     weighted_mse: bool = True
     forward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    awq: AwqConfig | None = None
-
-    @model_validator(mode="after")
-    def _awq_leaves_rounding_to_gptq(self) -> GptqConfig:
-        if self.awq is not None and self.awq.weight_clip and self.awq.clip_version == "v2":
-            raise ValueError("awq.clip_version: v2 clamps at quantization time, which GPTQ does; use clip_version: v1 (the clamp is folded into the float weights) or weight_clip: false")
-        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -148,13 +141,8 @@ class Gptq(Method):
       AMX; the choice is logged, as AWQ's ``search_dtype: auto``), the model's dtype otherwise;
       ``float32`` (or the model's dtype): the block as it is. The solver and the Hessian sums
       stay float32 either way.
-    - ``awq`` (none): AWQ's options (the ``Awq`` method's ``quant.special``, e.g. ``{trans: true,
-      weight_clip: true, clip_version: v1}``): run AWQ's scale search and folding (and clipping,
-      folded into the float weights) on each block first, then GPTQ's rounding on the scaled block.
-      ``transformed`` is then AWQ's transformed model.
-
-    Rejected with a reason: ``owq``, ``n_outs``, ``quant_out`` (belongs to ``quant``); any other
-    unknown key is an error too.
+    Rejected with a reason: ``owq``, ``n_outs``, ``quant_out`` (belongs to ``quant``), ``awq`` (AWQ
+    then GPTQ is the recipe ``quant.method: [Awq, GPTQ]``); any other unknown key is an error too.
     """
 
     name = "gptq"
@@ -162,11 +150,6 @@ class Gptq(Method):
 
     def __init__(self, options: GptqConfig, weight: Any):
         super().__init__(options, weight)
-        self.awq = None
-        if options.awq is not None:
-            from llmc_plugins.methods.awq import Awq
-
-            self.awq = Awq(options.awq, weight)  # scales first; GPTQ rounds the scaled weights
         # full layer name -> QuantizedWeight solved in transform_block, written by quantize_block
         self.solved: dict[str, Any] = {}
         # block index -> the quantized block's outputs (quant_out), from transform_block to quantize_block
@@ -180,15 +163,6 @@ class Gptq(Method):
     def check(cls, run_config: Any) -> None:
         """Act-order without static groups stores a ``g_idx``: refuse the packed int4 layouts."""
         opts = run_config.special
-        scheme = getattr(run_config, "scheme", None)
-        if opts is not None and opts.awq is not None and scheme is not None and scheme.weight.is_float:
-            raise LlmcError("quant.special.awq: AWQ's scale search runs on integer weights; remove special.awq for float weight schemes.")
-        if opts is not None and opts.awq is not None:  # the AWQ step's files (save_scale, save_clip)
-            from dataclasses import replace
-
-            from llmc_plugins.methods.awq import Awq
-
-            Awq.check(replace(run_config, special=opts.awq))  # the run's config with AWQ's options as its own
         if opts is not None and "weighted_mse" in opts.model_fields_set and getattr(run_config.weight, "calib_algo", "minmax") != "mse":
             raise LlmcError("quant.special.weighted_mse weights calib_algo: mse's range search; set quant.weight.calib_algo: mse, or remove weighted_mse.")
         if opts is None or not opts.actorder or opts.static_groups:
@@ -209,14 +183,10 @@ class Gptq(Method):
         fused = [n for n, w in adapter.named_quant_linears().items() if not hasattr(w, "register_forward_pre_hook")]
         if fused:  # a view into a 3-D expert tensor: its inputs (the tokens routed to it) are not observable
             raise LlmcError(f"GPTQ cannot solve fused MoE expert weights ({len(fused)} of them, e.g. {fused[0]}): their Hessians need each expert's routed tokens, which llmc's GPTQ does not collect. Use quant.method: Awq or RTN for this model.")
-        if self.awq is not None:
-            self.awq.check_model(adapter)
 
     def transform_block(self, ctx: Any) -> None:
         from llmc_plugins.methods.gptq.passes import BlockPasses
 
-        if self.awq is not None:
-            self.awq.transform_block(ctx)  # its log stays in self.awq.log
         linears = ctx.adapter.quant_linears(ctx.block)
         steps = self._steps(ctx, linears)
         originals = {n: m.weight.data for n, m in linears.items()}
@@ -224,7 +194,7 @@ class Gptq(Method):
         try:
             for k, step in enumerate(steps):
                 # The first pass sees the float block: run to the end when its outputs are wanted
-                # (not with quant_out, and not when the AWQ step computed them already).
+                # (not with quant_out, and not when a transform before GPTQ computed them already).
                 later = ctx.quant_out or k < len(steps) - 1  # another pass follows this one
                 hessians, outputs = passes.run(step, to_end=k == 0 and not ctx.quant_out and not ctx.outputs, keep=later)
                 if outputs:
@@ -281,33 +251,23 @@ class Gptq(Method):
             ctx.outputs = self._outputs.pop(ctx.index)
         return out
 
-    def finish(self, overwrite: bool) -> None:
-        if self.awq is not None:
-            self.awq.finish(overwrite)
-
     # -- resume ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The solved layers not yet written (``quant_out: false``: every finished block's; one
-        byte per weight, rewritten with each block checkpoint) and the AWQ step's state."""
+        byte per weight, rewritten with each block checkpoint)."""
         solved = {}
         for name, q in self.solved.items():
             entry = {"codes": q.codes, "scales": q.scales, "zeros": q.zeros, "spec": q.spec.model_dump()}
             if q.g_idx is not None:
                 entry["g_idx"] = q.g_idx
             solved[name] = entry
-        state: dict[str, Any] = {"solved": solved}
-        if self.awq is not None:
-            state["awq"] = {"state": self.awq.state_dict(), "log": self.awq.log}
-        return state
+        return {"solved": solved}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from llmc_core.quant import QuantizedWeight, QuantSpec
 
         self.solved = {n: QuantizedWeight(q["codes"], q["scales"], q["zeros"], QuantSpec(**q["spec"]), q.get("g_idx")) for n, q in state.get("solved", {}).items()}
-        if self.awq is not None and "awq" in state:
-            self.awq.load_state_dict(state["awq"]["state"])
-            self.awq.log = list(state["awq"]["log"])
 
     # -- what is solved when ---------------------------------------------------------------------
 
