@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from llmc_core import config
+from llmc_core import config, hookimpl
+from llmc_core.api import Method, NoOptions
 from llmc_core.errors import LlmcError
 from llmc_core.run import Run
 from llmc_core.testing import FAMILY_CONFIGS, block_context, read_results, registered, run_cli, run_config, save_tiny_llama, tiny_model, write_config, write_corpus
@@ -189,9 +190,7 @@ class _StopAfterBlock:
     def __init__(self, index):
         self.index = index
 
-    from llmc_core import hookimpl as _hookimpl
-
-    @_hookimpl
+    @hookimpl
     def llmc_block_done(self, run, index, block):
         if index == self.index:
             raise KeyboardInterrupt
@@ -220,3 +219,42 @@ def test_a_recipe_resumes_to_the_uninterrupted_result(tmp_path, corpus):
     assert read_results(out) == read_results(ref_out)
     ref_log, got_log = (json.loads((o / "results.json").read_text())["recipe"] for o in (ref_out, out))
     assert [t["method"] for t in got_log] == [t["method"] for t in ref_log]
+
+
+# -- whole-model step ------------------------------------------------------------------------------
+
+
+class _Doubler(Method):
+    """Test method: a whole-model step (the embedding doubled), then RTN; records its calls."""
+
+    name = "whole_model_test"
+    Config = NoOptions
+    calls: list = []
+
+    def transform_model(self, adapter, device):
+        with torch.no_grad():
+            adapter.model.model.embed_tokens.weight.mul_(2)
+        type(self).calls.append(("model", None))
+
+    def transform_block(self, ctx):
+        type(self).calls.append(("block", ctx.index))
+
+
+class _WholeModel:
+    @hookimpl
+    def llmc_register_methods(self, register):
+        register(_Doubler)
+
+
+def test_a_whole_model_step_runs_once_before_the_block_pass(tiny_model_dir, corpus, tmp_path):
+    plugin = _WholeModel()
+    _Doubler.calls = []
+    cfg = run_config(tiny_model_dir, corpus, tmp_path / "out", method="whole_model_test", eval_pos=("pretrain", "transformed"))
+    cfg["eval"]["num_samples"] = 2
+    with registered(plugin, name="test:whole_model"):
+        run = Run(config.validate(cfg))
+        records = {r.position: r.value for r in run.execute()}
+    calls = _Doubler.calls
+    assert [c[0] for c in calls] == ["model", "block", "block"], calls
+    assert records["transformed"] != pytest.approx(records["pretrain"], rel=1e-6)  # the doubled embedding changed the model
+    assert any(s["stage"] == "whole_model_test whole-model step" for s in run.stages)
