@@ -307,6 +307,18 @@ def test_missing_opencompass_gives_the_pip_command(tmp_path, tiny_model_dir, tin
     assert any("opencompass.python:" in line and "not an executable" in line for line in lines), lines
 
 
+def test_fake_quant_of_an_activation_scheme_is_refused(tmp_path, tiny_model_dir, tiny_text_file, monkeypatch):
+    """OpenCompass loads the saved folder with plain transformers: without llmc's activation
+    quantizers it would score another model than the one llmc measured (fail closed)."""
+    monkeypatch.setattr(checks, "install_problems", lambda python: [])
+    cfg = _run_cfg(tmp_path, tiny_model_dir, tiny_text_file)
+    cfg["quant"]["act"] = {"bit": 8, "symmetric": True, "granularity": "per_token"}
+    lines = _problems(cfg)
+    assert any(line.startswith("opencompass.eval_mode: fake_quant with") and "lm_eval" in line for line in lines), lines
+    cfg["opencompass"]["eval_mode"] = ["pretrain"]
+    validate(cfg)  # the float model is fine
+
+
 def test_non_empty_output_path_is_refused_unless_overwrite(tmp_path, tiny_model_dir, tiny_text_file, monkeypatch):
     monkeypatch.setattr(checks, "install_problems", lambda python: [])
     out = tmp_path / "oc"

@@ -29,6 +29,13 @@ def rule_problems(cfg: Any, options: Any) -> list[str]:
     quantized = [m for m in options.eval_mode if m != "pretrain"]
     if quantized and cfg.quant is None:
         lines.append(f"opencompass.eval_mode: {', '.join(quantized)} needs a quant section (or use eval_mode: [pretrain]).")
+    scheme = getattr(cfg, "scheme", None)
+    if "fake_quant" in options.eval_mode and scheme is not None and not scheme.weight_only:
+        lines.append(  # fail closed: the saved folder holds the weights, not the activation quantizers
+            f"opencompass.eval_mode: fake_quant with {scheme.describe()}: OpenCompass loads the saved folder with plain transformers, "
+            "which runs it without llmc's activation / KV cache quantizers, so it would score a different model than the one llmc measured; "
+            "evaluate activation schemes in process with lm_eval (its quantizers stay on), or quantize weights only for OpenCompass."
+        )
     if "transformed" in options.eval_mode and cfg.quant is not None and cfg.quant.quant_out:
         lines.append("opencompass.eval_mode: quant.quant_out: true quantizes during the transform, so there is no float 'transformed' model; remove 'transformed'.")
     problem = output_folder_problem("opencompass.output_path", options.output_path, cfg, "OpenCompass output (logs, predictions, results)")
