@@ -42,12 +42,6 @@ def _column_params(qw: Any, g_idx: Any, device: Any) -> tuple[Any, Any]:
     return scales[:, g_idx], zeros[:, g_idx]
 
 
-def dequantize(qw: Any, dtype: Any) -> Any:
-    """``(codes - zero) * scale`` in float32, rounded once to ``dtype`` (what the fake model holds)."""
-    scales, zeros = _column_params(qw, getattr(qw, "g_idx", None), qw.codes.device)
-    return ((qw.codes.float() - zeros) * scales).to(dtype)
-
-
 def recover_codes(weight: Any, qw: Any) -> Any:
     """The integer codes of a fake-quantized ``weight`` given ``qw``'s scales, zeros and spec."""
     import torch
@@ -132,7 +126,7 @@ def read_quantized(folder: str | Path, model: Any) -> dict[str, Any]:
             if qw.zeros.shape != scales.shape or scales.ndim != 2:
                 raise ValueError(f"scales {tuple(scales.shape)}, zeros {tuple(qw.zeros.shape)}")
             qw.codes = tensors[f"{name}.codes"] if f"{name}.codes" in tensors else recover_codes(weight, qw)
-            fake = dequantize(qw, weight.dtype)
+            fake = qw.dequantize(weight.dtype)
         except (RuntimeError, IndexError, ValueError) as exc:  # shapes or indices that do not fit the weight
             raise LlmcError(f"{folder}: the parameters of {name} in {QPARAMS_FILE} do not fit its weight {tuple(weight.shape)} ({first_line(exc)}); the folder is damaged, save it again from the run.") from None
         if not _same(fake, weight):
