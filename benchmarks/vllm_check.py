@@ -92,6 +92,8 @@ SCHEMES = {
     "W8A8": ("INT8 W8A8 (per-channel / per-token)", ["quant.scheme=W8A8"]),
     "FP8_DYNAMIC": ("FP8_DYNAMIC (per-channel / per-token)", ["quant.scheme=FP8_DYNAMIC"]),
     "FP8": ("FP8 static per-tensor act", ["quant.scheme=FP8", CALIB]),
+    # the control: the float model itself (transformers vs vLLM), no quantization on either side
+    "FP32": ("float32, not quantized (control)", []),
 }
 PROMPTS = [
     "The capital of France is",
@@ -169,6 +171,16 @@ def vllm_venv(path: Path, device: str) -> tuple[Path, str]:
 
 
 def export(key: str, save: Path, reuse: bool) -> Path:
+    if key == "FP32":  # the control: both sides load the float HF folder
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from peers import convert
+
+        save.mkdir(parents=True, exist_ok=True)
+        hf = convert(save)
+        for name in ("fake_quant_model", "vllm_quant_model"):
+            if not (save / name).exists():
+                (save / name).symlink_to(hf.resolve(), target_is_directory=True)
+        return save
     if reuse and (save / "vllm_quant_model" / "config.json").is_file() and (save / "fake_quant_model" / "llmc_quant.json").is_file():
         return save
     args = [str(CONFIG), "quant.weight=null", *SCHEMES[key][1], "save.save_vllm=true", "save.save_fake=true", "eval.eval_pos=[fake_quant]", "eval.num_samples=1", f"save.save_path={save}", "save.overwrite=true"]
@@ -198,9 +210,12 @@ def reference(folder: Path, prompts: list[list[int]], self_check: bool = False) 
     from llmc_core.quant.stored import read_quantized, read_scheme
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
-    scheme, act_scales, kv_scales = read_scheme(folder)
-    quantized = read_quantized(folder, model)
-    quantizers = install(model, scheme, sorted(quantized), act_scales, kv_scales)
+    if (folder / "llmc_quant.json").is_file():
+        scheme, act_scales, kv_scales = read_scheme(folder)
+        quantized = read_quantized(folder, model)
+        quantizers = len(install(model, scheme, sorted(quantized), act_scales, kv_scales).handles)  # hooks put on the model
+    else:  # the float control
+        scheme, act_scales, quantized, quantizers = "float32", {}, {}, 0
     outs, tops, self_outs = [], [], []
     pad = model.generation_config.eos_token_id if model.generation_config.pad_token_id is None else model.generation_config.pad_token_id
     t0 = time.perf_counter()
@@ -216,7 +231,7 @@ def reference(folder: Path, prompts: list[list[int]], self_check: bool = False) 
             if self_check:  # slow here: every step recomputes the whole sequence through the quantizers
                 z = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=pad, use_cache=False)
                 self_outs.append(z[0, len(ids) :].tolist())
-    return {"scheme": scheme.describe() if hasattr(scheme, "describe") else str(scheme), "quantizers": quantizers.installed, "layers": len(quantized), "static_act_scales": len(act_scales), "outputs": outs, "top": tops, "outputs_no_cache": self_outs or None, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"scheme": scheme.describe() if hasattr(scheme, "describe") else str(scheme), "quantizers": quantizers, "layers": len(quantized), "static_act_scales": len(act_scales), "outputs": outs, "top": tops, "outputs_no_cache": self_outs or None, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 # -- vLLM: the worker (runs in the vLLM venv, imports nothing of llmc) ------------------------------
@@ -330,7 +345,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/work/runs/vllm_check"))
     ap.add_argument("--venv", type=Path, default=Path("/work/vllm-venv"))
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--schemes", nargs="+", choices=list(SCHEMES), default=list(SCHEMES))
+    ap.add_argument("--schemes", nargs="+", choices=list(SCHEMES), default=list(SCHEMES), help="FP32 is the control: the float model served by vLLM against transformers")
     ap.add_argument("--reuse", action="store_true", help="reuse exports and references already in --out")
     ap.add_argument("--self-check", action="store_true", help="also generate with llmc's model without a KV cache (slow): how stable its own greedy path is")
     args = ap.parse_args()
