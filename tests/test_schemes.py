@@ -352,3 +352,46 @@ def test_savers_get_a_narrow_view_that_still_serves_old_plugins(tiny_model_dir, 
         res = run_cli("run", str(write_config(tmp_path / "c.yml", cfg)))
     assert res.exit_code == 0, res.stderr
     assert seen["type"] == "RoleView" and seen["layers"] == 14 and seen["batches"] == []
+
+
+def test_mse_activation_observer_clips_outliers_and_matches_a_brute_force_search():
+    """``calib_algo: mse`` for a static per-tensor int4 activation: the threshold is the grid
+    point a search written here finds, below ``max|x|`` for a heavy-tailed input."""
+    from llmc_core.quant.fake import act_mse_threshold, fake_quantize_act, static_scale
+
+    spec = QuantSpec(bit=4, symmetric=True, granularity="per_tensor", static=True, calib_algo="mse")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 64, generator=g) * torch.randn(300, 64, generator=g).exp()  # heavy tails: clipping pays
+    amax = float(x.abs().amax())
+    errs = {}
+    for i in range(40):
+        t = torch.tensor([amax * (1 - i / 100)])
+        q = (x / (t / 7)).round().clamp(-8, 7) * (t / 7)
+        errs[i] = float(((q - x).abs() ** 2.4).sum())
+    want = amax * (1 - min(errs, key=errs.get) / 100)
+    got = float(act_mse_threshold(x, spec))
+    assert got == pytest.approx(want, rel=1e-6) and got < 0.9 * amax
+    assert torch.equal(fake_quantize_act(x, spec, static_scale(torch.tensor([got]), spec)), fake_quantize_act(x, spec, static_scale(torch.tensor([want]), spec)))
+
+
+def test_mse_observer_gives_smaller_static_scales_than_minmax(tiny_model_dir, corpus, tmp_path):
+    from llmc_core import config
+    from llmc_core.run import Run
+
+    scales = {}
+    for algo in ("minmax", "mse"):
+        (tmp_path / algo).mkdir()
+        act = {"bit": 8, "symmetric": True, "granularity": "per_tensor", "static": True, "calib_algo": algo}
+        cfg = _cfg(tmp_path / algo, tiny_model_dir, corpus, weight={"bit": 8, "symmetric": True, "granularity": "per_channel"}, act=act, eval_pos=("fake_quant",))
+        run = Run(config.validate(cfg))
+        run.execute()
+        scales[algo] = run.act_scales
+    assert scales["mse"].keys() == scales["minmax"].keys() and scales["mse"]
+    assert all(float(scales["mse"][k]) <= float(scales["minmax"][k]) * (1 + 1e-6) for k in scales["mse"])
+    assert any(float(scales["mse"][k]) < 0.99 * float(scales["minmax"][k]) for k in scales["mse"])
+
+
+def test_mse_for_dynamic_activations_is_refused(tiny_model_dir, corpus, tmp_path):
+    with pytest.raises(LlmcError) as exc:
+        validate(_cfg(tmp_path, tiny_model_dir, corpus, weight={"bit": 8, "symmetric": True, "granularity": "per_channel"}, act={"bit": 8, "symmetric": True, "granularity": "per_token", "calib_algo": "mse"}))
+    assert any(line.startswith("quant.act.calib_algo: mse") for line in exc.value.problems), exc.value.problems

@@ -150,17 +150,32 @@ def _per_token(t: torch.Tensor, spec: Any) -> torch.Tensor:
 
 
 class Observer:
-    """Running ``max |x|`` of each quantized layer's input and of each attention's K and V over
-    the calibration data (``minmax``); :meth:`scales` turns them into static scales."""
+    """What each quantized layer's input and each attention's K and V look like over the
+    calibration data, as the spec's ``calib_algo`` says: ``minmax`` keeps the running ``max |x|``
+    (``[1]``); ``mse`` keeps, over every observed call, the sum of each call's MSE-best clipping
+    threshold weighted by its tokens and the token count (``[2]``): their mean stands in for
+    ``max |x|``. :meth:`act_scales` / :meth:`kv_scales` turn them into static scales."""
 
     def __init__(self, scheme: Any) -> None:
         self.scheme = scheme
         self.act_amax: dict[str, torch.Tensor] = {}
         self.kv_amax: dict[str, dict[str, torch.Tensor]] = {}
 
-    def _keep(self, table: dict[str, torch.Tensor], key: str, x: torch.Tensor) -> None:
+    def _keep(self, table: dict[str, torch.Tensor], key: str, x: torch.Tensor, spec: Any) -> None:
+        if getattr(spec, "calib_algo", "minmax") == "mse":
+            from llmc_core.quant.fake import act_mse_threshold
+
+            n = x[..., 0].numel()
+            m = torch.cat([act_mse_threshold(x, spec).cpu() * n, torch.tensor([float(n)])])
+            table[key] = table[key] + m if key in table else m
+            return
         m = x.detach().abs().amax().float().cpu().reshape(1)
         table[key] = torch.maximum(table[key], m) if key in table else m
+
+    @staticmethod
+    def _threshold(kept: torch.Tensor) -> torch.Tensor:
+        """``max |x|`` (minmax) or the token-weighted mean threshold (mse), ``[1]``."""
+        return kept[:1] / kept[1:] if kept.numel() == 2 else kept
 
     @contextmanager
     def watching(self, block: nn.Module, prefix: str, layers: Mapping[str, nn.Module]) -> Iterator[None]:
@@ -169,14 +184,14 @@ class Observer:
         if self.scheme.act is not None and self.scheme.act.static:
             for name, layer in layers.items():
                 full = f"{prefix}.{name}"
-                handles.append(layer.register_forward_pre_hook(lambda m, args, full=full: self._keep(self.act_amax, full, args[0])))
+                handles.append(layer.register_forward_pre_hook(lambda m, args, full=full: self._keep(self.act_amax, full, args[0], self.scheme.act)))
         if self.scheme.kv is not None and self.scheme.kv.static:
             for full, attn in attention_modules(block, prefix).items():
                 table = self.kv_amax.setdefault(full, {})
 
                 def fn(k: torch.Tensor, v: torch.Tensor, table: dict[str, torch.Tensor] = table) -> tuple[torch.Tensor, torch.Tensor]:
-                    self._keep(table, "k", k)
-                    self._keep(table, "v", v)
+                    self._keep(table, "k", k, self.scheme.kv)
+                    self._keep(table, "v", v, self.scheme.kv)
                     return k, v
 
                 handles.append(_kv_hook(attn, fn))
@@ -194,15 +209,15 @@ class Observer:
         for key, a in state.items():
             kind, _, rest = key.partition(":")
             if kind == "act":
-                self.act_amax[rest] = a.float().reshape(1)
+                self.act_amax[rest] = a.float().reshape(-1)
             elif kind == "kv":
                 kv, _, name = rest.partition(":")
-                self.kv_amax.setdefault(name, {})[kv] = a.float().reshape(1)
+                self.kv_amax.setdefault(name, {})[kv] = a.float().reshape(-1)
             else:
                 raise ValueError(f"unknown observed entry {key!r}")
 
     def act_scales(self) -> dict[str, torch.Tensor]:
-        return {n: static_scale(a, self.scheme.act) for n, a in self.act_amax.items()}
+        return {n: static_scale(self._threshold(a), self.scheme.act) for n, a in self.act_amax.items()}
 
     def kv_scales(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {n: {kv: static_scale(a, self.scheme.kv) for kv, a in t.items()} for n, t in self.kv_amax.items()}
+        return {n: {kv: static_scale(self._threshold(a), self.scheme.kv) for kv, a in t.items()} for n, t in self.kv_amax.items()}

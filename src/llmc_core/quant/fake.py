@@ -350,6 +350,29 @@ def fake_quantize_act(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | No
     return ungroup((q - zero) * s, x2.shape, spec).reshape(shape).to(x.dtype)
 
 
+# ``calib_algo: mse`` for static activations: each observed input is searched on at most this many
+# of its tokens (evenly strided, so outlier channels stay in), over MSE_ACT_STEPS shrink factors.
+MSE_ACT_TOKENS, MSE_ACT_STEPS = 512, 40
+
+
+def act_mse_threshold(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The clipping threshold ``t`` (a ``max |x|`` stand-in, ``[1]`` float32) of a static per-tensor
+    activation spec that minimises ``sum |x - q(x; static_scale(t))|^MSE_NORM`` over ``x``, for
+    ``t = max|x| * (1 - i/MSE_GRID)``, ``i < MSE_ACT_STEPS`` (first minimum wins)."""
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    if x2.shape[0] > MSE_ACT_TOKENS:
+        x2 = x2[:: -(-x2.shape[0] // MSE_ACT_TOKENS)]
+    x2 = x2.float()
+    amax = x2.abs().amax().reshape(1)
+    best, best_err = amax, float("inf")
+    for i in range(MSE_ACT_STEPS):
+        t = amax * (1 - i / MSE_GRID)
+        err = float((fake_quantize_act(x2, spec, static_scale(t, spec)) - x2).abs_().pow_(MSE_NORM).sum())
+        if err < best_err:
+            best, best_err = t, err
+    return best
+
+
 def static_scale(amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The calibrated scale of a ``static`` activation spec from the observed ``max |x|``: what
     :func:`fake_quantize_act` takes (for NVFP4 that is the ``max |x|`` itself, the global scale's

@@ -142,8 +142,8 @@ def scheme_problems(scheme: Scheme) -> list[str]:
     if a is not None:
         if a.granularity in ("per_block", "per_channel"):
             out.append(f"quant.act.granularity: {a.granularity} is a weight layout; activations take per_token, per_tensor (static or dynamic) or per_group.")
-        if a.calib_algo == "mse":
-            out.append("quant.act.calib_algo: llmc's activation observer is minmax (the largest |x| seen on the calibration data); remove calib_algo.")
+        if a.calib_algo == "mse" and (not a.static or a.fp4_kind == "nvfp4"):
+            out.append("quant.act.calib_algo: mse chooses a static per-tensor activation scale (static: true, not NVFP4's global scale); remove calib_algo or set static: true.")
         if a.static and not a.symmetric:
             out.append("quant.act: static activation scales are symmetric (the format stores no activation zero point); set symmetric: true.")
         if a.scale_dtype == "e4m3" and a.bit == "e2m1" and not a.static:

@@ -43,7 +43,9 @@ class QuantSpec(StrictModel):
     - ``calib_algo``: how a weight group's range is chosen when a method does not choose it
       (``minmax``: the group's min and max; ``mse``: the range shrunk by the factor in ``1, 0.99,
       ..., 0.21`` that minimises ``sum |w - q(w)|^2.4``). Static activation scales come from the
-      largest ``|x|`` seen on the calibration data (``minmax``, the only activation observer).
+      largest ``|x|`` seen on the calibration data (``minmax``) or, with ``mse``, from the clipping
+      threshold that minimises ``sum |x - q(x)|^2.4`` on each observed input, averaged over the
+      calibration tokens (llm-compressor's MSE observer does the same per batch).
     - ``use_qtorch`` (ModelTC's key): accepted; llmc computes float formats with torch's own
       float8 types and an exact FP4 rounding, so it changes nothing.
     """
