@@ -1,4 +1,5 @@
-"""llmc next to llm-compressor on SmolLM2-135M, in one run: AWQ and GPTQ, wall time, peak memory, PPL.
+"""llmc next to llm-compressor on SmolLM2-135M, in one run: AWQ and GPTQ (and, with ``--schemes``,
+weight + activation schemes), wall time, peak memory, PPL.
 
 What one invocation does:
 
@@ -8,41 +9,66 @@ What one invocation does:
    tokens, seed 42) and writes them to ``OUT/calib_ids.json``; llmc's runs (AWQ's too, with
    ``calib.preproc=random_window``) draw the same ids with the same recipe, seed and tokenizer
    (the recipe is deterministic), llm-compressor reads them from the file;
-3. builds ``OUT/peer-venv`` (or uses ``--venv``) with torch 2.13.0 (the CPU wheel on this disk),
-   ``llmcompressor==LLMCOMPRESSOR_VERSION`` and the pins it needs to run (``PEER_PINS``);
+3. builds ``OUT/peer-venv`` (or uses ``--venv``; one whose llmcompressor is already
+   ``LLMCOMPRESSOR_VERSION`` is used as it is) with torch 2.13.0 (the CPU wheel on this disk), then
+   ``llmcompressor==LLMCOMPRESSOR_VERSION`` with the pins it brings itself (transformers 5.15-5.17,
+   compressed-tensors 0.19.0, numpy 2), nothing pinned here;
 4. per method and bit width: ``llmc run`` (AWQ: the quick-start recipe, scales + clipping;
    GPTQ: the quick-start recipe, act-order with static groups, ``quant_out``, ``calib_algo: mse``
    weighted by ``diag H``; ``--variant gptq:minmax:quant.weight.calib_algo=minmax`` adds the
-   reference's range rule) and llm-compressor's ``oneshot`` with
-   ``AWQModifier`` (its defaults: duo scaling, no clipping) or ``GPTQModifier`` (dampening 0.01,
-   block 128, ``actorder: weight`` = llmc's act-order with static groups), both W{bits}A16
-   asymmetric, group 64, ``lm_head`` left in float;
+   reference's range rule) and llm-compressor's ``oneshot`` with ``GPTQModifier`` (dampening
+   0.01, block 128, ``actorder: weight`` = llmc's act-order with static groups) or
+   ``AWQModifier`` (its defaults: duo scaling, 20 grid points, no clipping; in 0.14 it only
+   searches and folds the scales, so a ``QuantizationModifier`` after it rounds the weights,
+   min-max), both W{bits}A16 asymmetric, group 64, ``lm_head`` left in float;
 5. writes llm-compressor's result as dense fake-quantized weights (compressed-tensors' own
-   ``fake_quantize`` with each layer's ``weight_scale`` / ``weight_zero_point`` / ``g_idx``,
-   idempotent where GPTQ already wrote them) with no ``quantization_config``, and measures every model with llmc's PPL evaluator (WikiText-2 test,
-   first ``--windows`` windows of 2048 tokens).
+   ``fake_quantize`` with each layer's ``weight_scale`` / ``weight_zero_point``, idempotent where
+   GPTQ already wrote them) with no ``quantization_config``, and measures every model with llmc's
+   PPL evaluator (WikiText-2 test, first ``--windows`` windows of 2048 tokens);
+6. per ``--schemes`` row (none by default), both tools quantize weights and activations and write
+   a compressed-tensors folder (llmc: ``save_vllm``; llm-compressor: ``save_pretrained(...,
+   save_compressed=True)``), and both folders are measured by one evaluator: loaded by
+   transformers + compressed-tensors in llmc's environment (their quantized forward, activations
+   included; ``schemes.loader_ppl``) on the same WikiText-2 windows; llmc's rows also give its own
+   ``fake_quant`` PPL. The rows (llmc's overrides on the GPTQ quick-start config / the peer's
+   recipe, ``lm_head`` left in float by both):
+
+   - ``w8a8-sq-gptq``: ``quant.method=[SmoothQuant, GPTQ]``, ``quant.scheme=W8A8``, SmoothQuant
+     alpha 0.8 on llm-compressor's default groups (the norms before q/k/v and gate/up), GPTQ's
+     defaults (true-sequential, act-order, ``quant_out``) /
+     ``[SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(scheme="W8A8")]`` (dampening
+     0.01, block 128, static act-order, min-max); llmc smooths and solves block by block, the
+     peer smooths the whole model on float activations before GPTQ's pass;
+   - ``fp8-dynamic``: RTN ``quant.scheme=FP8_DYNAMIC``, no calibration /
+     ``QuantizationModifier(scheme="FP8_DYNAMIC")``, oneshot without a dataset;
+   - ``nvfp4``: RTN ``quant.scheme=NVFP4`` (static activation global scales calibrated on the
+     shared ids) / ``QuantizationModifier(scheme="NVFP4")`` on the same ids. A peer row that fails
+     is a row with the last line of its error, not the end of the invocation.
 
 Columns: ``method s`` is llmc's method stages (transform + quantize) / llm-compressor's
-``oneshot`` call, neither counting model loading or evaluation; ``peak RSS`` is the process's
-peak resident memory during that (model included; on Linux both reset the peak, VmHWM, when it
-starts, so loading before it does not count; no run evaluates before its method: the float
+``oneshot`` call, neither counting model loading, evaluation or saving; ``peak RSS`` is the
+process's peak resident memory during that (model included; on Linux both reset the peak, VmHWM,
+when it starts, so loading before it does not count; no run evaluates before its method: the float
 model's PPL comes from an evaluation-only llmc run of its own); ``dtype`` is the precision of
 AWQ's search and of GPTQ's block forwards (llmc: what ``search_dtype: auto`` /
 ``forward_dtype: auto`` chose, from its log, or the variant's explicit value; llm-compressor:
 the model's);
-``÷ peer`` divides llmc's figure by llm-compressor's for the same method and bits.
+``÷ peer`` divides llmc's figure by llm-compressor's for the same method and bits (scheme rows:
+loader PPL by loader PPL).
 
     LLMC_DATA=../shared/data python benchmarks/peers.py                  # AWQ+GPTQ, w4+w3, 128 samples
     python benchmarks/peers.py --bits 4 --methods gptq --out /tmp/peers --venv /tmp/peer-venv
+    python benchmarks/peers.py --methods --schemes w8a8-sq-gptq fp8-dynamic nvfp4   # scheme rows only
 
-CPU-only torch: llm-compressor 0.6.0's calibration DataLoader asks for ``pin_memory=True``; the
-peer script turns it off before ``oneshot`` (``_no_pin_memory``), since pinning needs an
-accelerator. Its AWQ search also restores each candidate from a "snapshot" that, on a CPU,
-aliases the live weights (``tensor.cpu()`` returns the tensor itself), so without a fix every
-grid point compounds the previous one's quantization and its W4 PPL came out 36.2, worse than
-RTN's 27.3; the script makes that snapshot a copy during the search (``_awq_snapshot_by_copy``,
-what ``.cpu()`` already does on a GPU) and reports how many searches it covered. Nothing else of
-llm-compressor is changed.
+CPU-only torch: llm-compressor 0.14.0.1 runs as released but for one call. AWQ's smoothing pins
+each cached block input (``IntermediatesCache.pin_memory``) before its grid search, to copy it to
+an accelerator without blocking; pinning needs an accelerator, so on a CPU-only torch it raises
+("Cannot access accelerator device when none is available"). The peer script makes that call do
+nothing when ``torch.accelerator`` finds no device (``_no_pinned_cache``): the inputs stay in host
+memory, where a CPU run reads them anyway. Nothing else of llm-compressor is changed: its
+calibration DataLoader pins only with an accelerator and workers, and its AWQ search restores
+each candidate from ``weight.clone()`` (0.6.0 kept a ``.cpu()`` snapshot that aliases the live
+weights on a CPU and needed a patch).
 """
 
 from __future__ import annotations
@@ -61,71 +87,61 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"gptq": ROOT / "configs" / "quickstart" / "gptq_w4g64_smollm2.yml", "awq": ROOT / "configs" / "quickstart" / "awq_w4g64_smollm2.yml"}
-LLMCOMPRESSOR_VERSION = "0.6.0"
-# llmcompressor 0.6.0 imports with numpy 1.x (pyarrow and datasets before those that need numpy 2)
-# and traces models with torch.fx, which transformers' vmap masks of 4.53+ break.
-PEER_PINS = ("transformers==4.52.4", "datasets<4", "pyarrow<20")
+LLMCOMPRESSOR_VERSION = "0.14.0.1"
 SEED, SEQ_LEN, GROUP = 42, 512, 64
+# --schemes row -> llmc's overrides on the GPTQ quick-start config (the peer's recipes are in PEER_SCRIPT)
+SCHEMES = {
+    "w8a8-sq-gptq": ["quant.method=[SmoothQuant, GPTQ]", "quant.scheme=W8A8", "quant.special={SmoothQuant: {alpha: 0.8, groups: [qkv, gate_up]}, GPTQ: {}}"],
+    "fp8-dynamic": ["quant.method=RTN", "quant.scheme=FP8_DYNAMIC", "quant.special={}", "calib=null"],
+    "nvfp4": ["quant.method=RTN", "quant.scheme=NVFP4", "quant.special={}"],
+}
 
 PEER_SCRIPT = textwrap.dedent(
     '''
     import json, resource, sys, time
     import torch
-    import torch.utils.data
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier
 
-    model_dir, ids_file, out_dir, method, bits, group = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+    model_dir, ids_file, out_dir, row, bits, group = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+    weight_only = row in ("gptq", "awq")
 
-    def _no_pin_memory():
-        """Pinning host memory needs an accelerator; on a CPU-only torch the loader must not ask."""
-        init = torch.utils.data.DataLoader.__init__
-        def patched(self, *a, **kw):
-            kw["pin_memory"] = False
-            init(self, *a, **kw)
-        torch.utils.data.DataLoader.__init__ = patched
+    def _no_pinned_cache():
+        """AWQ's smoothing pins every cached input of a block (``IntermediatesCache.pin_memory``)
+        so that its grid search can copy them to the accelerator without blocking. Pinning needs
+        an accelerator: on a CPU-only torch ``Tensor.pin_memory()`` raises. Without a device there
+        is nothing to copy to, so the inputs stay as they are, in host memory."""
+        from llmcompressor.pipelines.cache import IntermediatesCache
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
-    snapshots = []
+    def recipe():
+        if weight_only:
+            weights = {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group", "group_size": group}
+            if row == "gptq":
+                weights["actorder"] = "weight"
+            groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+            if row == "gptq":
+                return [GPTQModifier(dampening_frac=0.01, block_size=128, ignore=["lm_head"], config_groups=groups)]
+            # AWQModifier searches and folds the scales; the QuantizationModifier rounds the weights
+            return [AWQModifier(duo_scaling=True), QuantizationModifier(ignore=["lm_head"], config_groups=groups)]
+        if row == "w8a8-sq-gptq":
+            return [SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"])]
+        return [QuantizationModifier(scheme={"fp8-dynamic": "FP8_DYNAMIC", "nvfp4": "NVFP4"}[row], targets="Linear", ignore=["lm_head"])]
 
-    def _awq_snapshot_by_copy():
-        """llm-compressor 0.6.0's AWQ grid search keeps ``{k: v.cpu() for k, v in state_dict()}`` to
-        restore the block after each candidate; on a CPU tensor ``.cpu()`` is the tensor itself, so
-        the in-place ``mul_`` / ``copy_`` of each candidate also rewrites the "original" and the
-        restore does nothing: every candidate starts from the previous one's quantized weights
-        (the bug llm-awq's issue 163 reports for its own search). During that search the block's
-        ``state_dict`` hands out copies, which is what ``.cpu()`` gives on an accelerator."""
-        from llmcompressor.modifiers.awq.base import AWQModifier
-        search = AWQModifier._compute_best_scale
-        def patched(self, x_mean, w_mean, parent_module, *a, **kw):
-            own = parent_module.state_dict
-            parent_module.state_dict = lambda *x, **y: {k: v.clone() for k, v in own(*x, **y).items()}
-            try:
-                return search(self, x_mean, w_mean, parent_module, *a, **kw)
-            finally:
-                del parent_module.state_dict
-                snapshots.append(1)
-        AWQModifier._compute_best_scale = patched
-
-    if not torch.cuda.is_available():
-        _no_pin_memory()
-        if method == "awq":
-            _awq_snapshot_by_copy()
-    ids = json.load(open(ids_file))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    if not torch.accelerator.is_available():
+        _no_pinned_cache()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
-    from llmcompressor.modifiers.awq import AWQModifier
-    from llmcompressor.modifiers.quantization import GPTQModifier
+    calibration = {}
+    if row != "fp8-dynamic":  # dynamic activations and per-channel weights need no data
+        ids = json.load(open(ids_file))
+        data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
+        calibration = {"dataset": data, "max_seq_length": len(ids[0]), "num_calibration_samples": len(ids)}
+    modifiers = recipe()
 
-    weights = {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group", "group_size": group}
-    if method == "gptq":
-        weights["actorder"] = "weight"
-    groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
-    if method == "gptq":
-        modifier = GPTQModifier(dampening_frac=0.01, block_size=128, ignore=["lm_head"], config_groups=groups)
-    else:
-        modifier = AWQModifier(duo_scaling=True, ignore=["lm_head"], config_groups=groups)
     def reset_peak():  # the peak of oneshot alone, as llmc's stages record theirs (Linux)
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -143,37 +159,39 @@ PEER_SCRIPT = textwrap.dedent(
 
     own = reset_peak()
     start = time.perf_counter()
-    oneshot(model=model, dataset=data, recipe=[modifier], max_seq_length=len(ids[0]), num_calibration_samples=len(ids))
+    oneshot(model=model, recipe=modifiers, **calibration)
     seconds = time.perf_counter() - start
     peak = peak_mb(own)
-    if method == "awq" and not torch.cuda.is_available() and not snapshots:
-        raise SystemExit("the AWQ snapshot patch never ran: llm-compressor's search is not the one it fixes")
-    # The dense weights llm-compressor's own fake quantization gives (compressed-tensors' signed
-    # int range and zero points), so the folder is its quantized model as plain transformers loads it.
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     n = 0
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            scale = getattr(m, "weight_scale", None)
-            scheme = getattr(m, "quantization_scheme", None)
-            if not isinstance(m, torch.nn.Linear) or scale is None or scheme is None:
-                continue
-            m.weight.copy_(fake_quantize(m.weight, scale, m.weight_zero_point, scheme.weights, g_idx=getattr(m, "weight_g_idx", None)))
-            n += 1
-            for extra in ("weight_scale", "weight_zero_point", "weight_g_idx"):
-                if hasattr(m, extra):
-                    delattr(m, extra)
-    if not n:
-        raise SystemExit("llm-compressor left no weight_scale on any Linear: nothing was quantized")
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    # The class's save_pretrained, not the one oneshot installs on the model, which would pack the
-    # weights into compressed-tensors again: the folder must be dense float weights.
-    from transformers import PreTrainedModel
-    PreTrainedModel.save_pretrained(model, out_dir, safe_serialization=True)
+    if weight_only:
+        # The dense weights llm-compressor's own fake quantization gives (compressed-tensors' signed
+        # int range and zero points), so the folder is its quantized model as plain transformers loads it.
+        from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                scale = getattr(m, "weight_scale", None)
+                scheme = getattr(m, "quantization_scheme", None)
+                if not isinstance(m, torch.nn.Linear) or scale is None or scheme is None:
+                    continue
+                m.weight.copy_(fake_quantize(m.weight, scale, m.weight_zero_point, scheme.weights))
+                n += 1
+                for extra in ("weight_scale", "weight_zero_point"):
+                    if hasattr(m, extra):
+                        delattr(m, extra)
+        if not n:
+            raise SystemExit("llm-compressor left no weight_scale on any Linear: nothing was quantized")
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        # The class's save_pretrained, not the one oneshot installs on the model, which would pack the
+        # weights into compressed-tensors again: the folder must be dense float weights.
+        from transformers import PreTrainedModel
+        PreTrainedModel.save_pretrained(model, out_dir, safe_serialization=True)
+    else:
+        n = sum(1 for m in model.modules() if hasattr(m, "quantization_scheme"))
+        model.save_pretrained(out_dir, save_compressed=True)  # oneshot's: a compressed-tensors folder
     tok.save_pretrained(out_dir)
     import llmcompressor
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "layers": n, "version": llmcompressor.__version__, "awq_searches_patched": len(snapshots)}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "layers": n, "version": llmcompressor.__version__}))
     '''
 )
 
@@ -197,8 +215,8 @@ def ppl_of(save_path: Path, position: str) -> float:
 
 
 def method_stages(save_path: Path) -> tuple[float, float]:
-    """Seconds of the method's stages (transform, quantize) and the peak RSS at their end."""
-    stages = [s for s in results(save_path)["stages"] if s["stage"].endswith(" transform") or s["stage"] == "quantize"]
+    """Seconds of the method's stages (whole-model step, transform, quantize) and the peak RSS at their end."""
+    stages = [s for s in results(save_path)["stages"] if s["stage"].endswith((" transform", " whole-model step")) or s["stage"] == "quantize"]
     return sum(s["seconds"] for s in stages), max(s["peak_rss_mb"] for s in stages)
 
 
@@ -212,19 +230,7 @@ def convert(out: Path) -> Path:
         model, tok = cfg.model_family().load(cfg.model)
         model.save_pretrained(target, safe_serialization=True)
         tok.save_pretrained(target)
-    _portable_tokenizer(target)
     return target
-
-
-def _portable_tokenizer(folder: Path) -> None:
-    """transformers 5 names its fast tokenizers ``TokenizersBackend``, a class the peer's pinned
-    transformers 4 does not know; both read ``PreTrainedTokenizerFast`` from the same
-    ``tokenizer.json``, so the token ids are the same."""
-    path = folder / "tokenizer_config.json"
-    cfg = json.loads(path.read_text())
-    if cfg.get("tokenizer_class") == "TokenizersBackend":
-        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        path.write_text(json.dumps(cfg, indent=2))
 
 
 def draw_calibration(out: Path, hf: Path, n_samples: int, wrap=lambda tok: tok) -> tuple:
@@ -254,12 +260,16 @@ def calibration_ids(out: Path, hf: Path, n_samples: int) -> Path:
 
 
 def peer_venv(path: Path) -> Path:
+    """llm-compressor's venv at ``path``: used as it is when its llmcompressor is the pinned
+    version, else built (torch's CPU wheel first, then llmcompressor with its own pins)."""
     python = path / "bin" / "python"
-    if not (path / ".complete").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(path)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"llmcompressor=={LLMCOMPRESSOR_VERSION}", *PEER_PINS], check=True)
-        (path / ".complete").touch()
+    if python.is_file():
+        probe = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('llmcompressor'))"], capture_output=True, text=True, check=False)
+        if probe.stdout.strip() == LLMCOMPRESSOR_VERSION:
+            return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(path)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", f"llmcompressor=={LLMCOMPRESSOR_VERSION}"], check=True)
     return python
 
 
@@ -309,16 +319,51 @@ def run_llmc(method: str, bit: int, out: Path, common: list[str], n_samples: int
     return {"tool": f"llmc {label}".strip(), "method": method, "bit": bit, "seconds": seconds, "peak_mb": peak, "dtype": dtype, "ppl": ppl_of(mine, "fake_quant")}
 
 
-def run_peer(python: Path, method: str, bit: int, out: Path, hf: Path, ids: Path, common: list[str]) -> dict:
-    peer = out / f"peer_{method}_w{bit}"
-    proc = subprocess.run([str(python), "-c", PEER_SCRIPT, str(hf), str(ids), str(peer / "model"), method, str(bit), str(GROUP)], capture_output=True, text=True, check=False, cwd=out)  # its sparse_logs/ go to OUT
-    (out / f"peer_{method}_w{bit}.log").write_text(proc.stderr)
+def peer(python: Path, row: str, out: Path, hf: Path, ids: Path, tag: str, bit: int = 0) -> tuple[dict | None, str]:
+    """llm-compressor's ``oneshot`` for ``row`` (``PEER_SCRIPT``), writing ``OUT/TAG/model``; its
+    log (llm-compressor logs on stdout, tracebacks and progress bars on stderr) goes to
+    ``OUT/TAG.log``. Returns its record (the last line of stdout, also in ``OUT/TAG.json``) and,
+    when it failed, the last line of its error."""
+    proc = subprocess.run([str(python), "-c", PEER_SCRIPT, str(hf), str(ids), str(out / tag / "model"), row, str(bit), str(GROUP)], capture_output=True, text=True, check=False, cwd=out)  # its sparse_logs/ go to OUT
+    (out / f"{tag}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
-        raise SystemExit(f"llm-compressor {method} w{bit} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    (out / f"peer_{method}_w{bit}.json").write_text(proc.stdout)
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
-    ppl = eval_only_ppl(peer / "model", peer / "eval", common)
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        return None, f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}"
+    record = proc.stdout.strip().splitlines()[-1]
+    (out / f"{tag}.json").write_text(record + "\n")
+    return json.loads(record), ""
+
+
+def run_peer(python: Path, method: str, bit: int, out: Path, hf: Path, ids: Path, common: list[str]) -> dict:
+    tag = f"peer_{method}_w{bit}"
+    info, error = peer(python, method, out, hf, ids, tag, bit)
+    if info is None:
+        raise SystemExit(f"llm-compressor {method} w{bit} failed ({error}); its log: {out / tag}.log")
+    ppl = eval_only_ppl(out / tag / "model", out / tag / "eval", common)
     return {"tool": f"llm-compressor {info['version']}", "method": method, "bit": bit, "seconds": info["seconds"], "peak_mb": info["peak_rss_mb"], "dtype": "float32", "ppl": ppl}
+
+
+def run_llmc_scheme(scheme: str, out: Path, common: list[str], n_samples: int, reuse: bool) -> dict:
+    """llmc's run of a ``--schemes`` row: its ``fake_quant`` PPL and its compressed-tensors folder
+    (``save_vllm``) for the loader. ``reuse`` as in :func:`run_llmc`."""
+    tag = f"llmc_{scheme}"
+    mine = out / tag
+    overrides = [*common, f"save.save_path={mine}", "save.overwrite=true", "quant.weight=null", "eval.eval_pos=[fake_quant]", "save.save_vllm=true", *SCHEMES[scheme]]
+    if "calib=null" not in overrides:  # the ids calib_ids.json holds
+        overrides += [f"calib.n_samples={n_samples}", "calib.preproc=random_window"]
+    if not (reuse and (mine / "results.json").is_file()):
+        llmc([str(CONFIGS["gptq"]), *overrides], out / f"{tag}.log")
+    seconds, peak = method_stages(mine)
+    return {"tool": "llmc", "scheme": scheme, "seconds": seconds, "peak_mb": peak, "ppl": ppl_of(mine, "fake_quant"), "folder": str(mine / "vllm_quant_model")}
+
+
+def run_peer_scheme(python: Path, scheme: str, out: Path, hf: Path, ids: Path) -> dict:
+    """llm-compressor's run of a ``--schemes`` row; a failure is a row with its reason."""
+    tag = f"peer_{scheme}"
+    info, error = peer(python, scheme, out, hf, ids, tag)
+    if info is None:
+        return {"tool": f"llm-compressor {LLMCOMPRESSOR_VERSION}", "scheme": scheme, "error": error}
+    return {"tool": f"llm-compressor {info['version']}", "scheme": scheme, "seconds": info["seconds"], "peak_mb": info["peak_rss_mb"], "folder": str(out / tag / "model")}
 
 
 def progress(rows: list[dict], out: Path) -> None:
@@ -327,14 +372,42 @@ def progress(rows: list[dict], out: Path) -> None:
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
 
 
+def method_table(rows: list[dict], samples: int) -> None:
+    head = f"| {'tool':<23} | {'method':<6} | bits | samples | {'method s':>9} | {'peak RSS MB':>11} | {'dtype':<8} | {'PPL':>7} | {'÷ peer time':>11} | {'÷ peer PPL':>10} |"
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for r in rows:
+        peer_row = next(x for x in rows if not x["tool"].startswith("llmc") and x["method"] == r["method"] and x["bit"] == r["bit"])
+        mine = r["tool"].startswith("llmc")
+        ratio_t = f"{r['seconds'] / peer_row['seconds']:.2f}" if mine else ""
+        ratio_p = f"{r['ppl'] / peer_row['ppl']:.4f}" if mine else ""
+        print(f"| {r['tool']:<23} | {r['method']:<6} | {r['bit']:>4} | {samples:>7} | {r['seconds']:>9.1f} | {r['peak_mb']:>11.0f} | {r['dtype']:<8} | {r['ppl']:>7.3f} | {ratio_t:>11} | {ratio_p:>10} |")
+
+
+def scheme_table(rows: list[dict]) -> None:
+    head = f"| {'tool':<23} | {'scheme / recipe':<15} | {'method s':>9} | {'peak RSS MB':>11} | {'fake_quant PPL':>14} | {'loader PPL':>10} | {'÷ peer PPL':>10} |"
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['tool']:<23} | {r['scheme']:<15} | {'':>9} | {'':>11} | {'':>14} | did not run: {r['error']} | {'':>10} |")
+            continue
+        peer_row = next(x for x in rows if not x["tool"].startswith("llmc") and x["scheme"] == r["scheme"])
+        mine = r["tool"].startswith("llmc")
+        fake = f"{r['ppl']:.3f}" if mine else ""
+        ratio = f"{r['loader_ppl'] / peer_row['loader_ppl']:.4f}" if mine and "loader_ppl" in peer_row else ""
+        print(f"| {r['tool']:<23} | {r['scheme']:<15} | {r['seconds']:>9.1f} | {r['peak_mb']:>11.0f} | {fake:>14} | {r['loader_ppl']:>10.3f} | {ratio:>10} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=21)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    ap.add_argument("--methods", nargs="+", choices=sorted(CONFIGS), default=["gptq", "awq"])
+    ap.add_argument("--methods", nargs="*", choices=sorted(CONFIGS), default=["gptq", "awq"], help="weight-only rows (none with the flag alone: only --schemes rows)")
+    ap.add_argument("--schemes", nargs="+", choices=list(SCHEMES), default=[], help="weight + activation rows, measured on compressed-tensors folders by transformers' loader")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--venv", type=Path, default=None, help="llm-compressor's venv (built with the pinned version if missing)")
+    ap.add_argument("--venv", type=Path, default=None, help="llm-compressor's venv (built with the pinned version if it has another)")
     ap.add_argument("--reuse", action="store_true", help="keep llmc runs already finished in --out (their results.json and log)")
     ap.add_argument("--variant", action="append", default=[], metavar="METHOD:LABEL:KEY=VALUE[,KEY=VALUE]", help="one more llmc row for METHOD with these overrides, e.g. gptq:one-pass:quant.special.true_sequential=false")
     ap.add_argument("--only-variants", action="store_true", help="for a method with --variant rows, run those and not its default llmc row")
@@ -362,16 +435,26 @@ def main() -> None:
             rows.append(run_peer(python, method, bit, out, hf, ids, common))
             progress(rows, out)
             print(f"done {method} w{bit} after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    print(f"SmolLM2-135M fp32 (HF folder from the GGUF) on {cpu_name()}; W{{{','.join(map(str, args.bits))}}}A16 asym g{GROUP}; {args.samples}x{SEQ_LEN} C4 ids shared; WikiText-2 test, first {args.windows} windows; fp32 PPL {fp:.3f}")
-    head = f"| {'tool':<20} | {'method':<6} | bits | samples | {'method s':>9} | {'peak RSS MB':>11} | {'dtype':<8} | {'PPL':>7} | {'÷ peer time':>11} | {'÷ peer PPL':>10} |"
-    print(head)
-    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-    for r in rows:
-        peer = next(x for x in rows if not x["tool"].startswith("llmc") and x["method"] == r["method"] and x["bit"] == r["bit"])
-        mine = r["tool"].startswith("llmc")
-        ratio_t = f"{r['seconds'] / peer['seconds']:.2f}" if mine else ""
-        ratio_p = f"{r['ppl'] / peer['ppl']:.4f}" if mine else ""
-        print(f"| {r['tool']:<20} | {r['method']:<6} | {r['bit']:>4} | {args.samples:>7} | {r['seconds']:>9.1f} | {r['peak_mb']:>11.0f} | {r['dtype']:<8} | {r['ppl']:>7.3f} | {ratio_t:>11} | {ratio_p:>10} |")
+    if args.schemes:
+        from schemes import eval_ids, loader_ppl  # here: schemes.py imports from this module
+
+        windows = eval_ids(hf)
+        fp_loader = loader_ppl(hf, windows, args.windows)
+        for scheme in args.schemes:
+            for row in (run_llmc_scheme(scheme, out, common, args.samples, args.reuse), run_peer_scheme(python, scheme, out, hf, ids)):
+                if "folder" in row:
+                    row["loader_ppl"] = loader_ppl(Path(row["folder"]), windows, args.windows)
+                rows.append(row)
+                progress(rows, out)
+            print(f"done {scheme} after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    source = f"SmolLM2-135M fp32 (HF folder from the GGUF) on {cpu_name()}; {args.samples}x{SEQ_LEN} C4 ids shared; WikiText-2 test, first {args.windows} windows"
+    method_rows = [r for r in rows if "method" in r]
+    if method_rows:
+        print(f"{source}; W{{{','.join(map(str, args.bits))}}}A16 asym g{GROUP}; fp32 PPL {fp:.3f}")
+        method_table(method_rows, args.samples)
+    if args.schemes:
+        print(f"{source}; compressed-tensors folders loaded by transformers + compressed-tensors; fp32 PPL {fp:.3f} (llmc), {fp_loader:.3f} (loader)")
+        scheme_table([r for r in rows if "scheme" in r])
     print(f"total {time.perf_counter() - start:.0f} s; outputs in {out}")
 
 

@@ -27,6 +27,7 @@ DATA = Path(os.environ.get("LLMC_DATA", ROOT.parent / "shared" / "data"))
 INT8_CHANNEL = "quant.weight={bit: 8, symmetric: true, granularity: per_channel}"
 SCHEMES = {
     "w8a8-static": ("INT8 W8A8, static per-tensor activations", [INT8_CHANNEL, "quant.act={bit: 8, symmetric: true, granularity: per_tensor, static: true}"]),
+    "w8a8-static-mse": ("INT8 W8A8, static per-tensor activations, mse observer", [INT8_CHANNEL, "quant.act={bit: 8, symmetric: true, granularity: per_tensor, static: true, calib_algo: mse}"]),
     "w8a8": ("INT8 W8A8, per-token activations", ["quant.scheme=W8A8", "quant.weight=null"]),
     "fp8-dynamic": ("FP8_DYNAMIC", ["quant.scheme=FP8_DYNAMIC", "quant.weight=null"]),
 }
