@@ -440,12 +440,16 @@ def main() -> None:
 
         windows = eval_ids(hf)
         fp_loader = loader_ppl(hf, windows, args.windows)
+
+        def measured(row: dict) -> None:  # each tool's folder on the same windows, kept as it comes
+            if "folder" in row:
+                row["loader_ppl"] = loader_ppl(Path(row["folder"]), windows, args.windows)
+            rows.append(row)
+            progress(rows, out)
+
         for scheme in args.schemes:
-            for row in (run_llmc_scheme(scheme, out, common, args.samples, args.reuse), run_peer_scheme(python, scheme, out, hf, ids)):
-                if "folder" in row:
-                    row["loader_ppl"] = loader_ppl(Path(row["folder"]), windows, args.windows)
-                rows.append(row)
-                progress(rows, out)
+            measured(run_llmc_scheme(scheme, out, common, args.samples, args.reuse))
+            measured(run_peer_scheme(python, scheme, out, hf, ids))
             print(f"done {scheme} after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     source = f"SmolLM2-135M fp32 (HF folder from the GGUF) on {cpu_name()}; {args.samples}x{SEQ_LEN} C4 ids shared; WikiText-2 test, first {args.windows} windows"
     method_rows = [r for r in rows if "method" in r]
