@@ -112,7 +112,7 @@ def test_render_markdown_positions_downstream_and_worst_layers():
         EvalRecord("real_quant", "ppl", "wikitext2", "perplexity", 25.5, 1.0),
         EvalRecord("downstream", "opencompass", "humaneval", "pass@1", 12.5, 60.0),
     ]
-    cfg = SimpleNamespace(raw={"model": {"type": "Llama", "path": "/m"}}, quant=SimpleNamespace(method="awq"), weight=QuantSpec(bit=4, group_size=64))
+    cfg = SimpleNamespace(raw={"model": {"type": "Llama", "path": "/m"}}, quant=SimpleNamespace(method="awq", method_name="awq"), weight=QuantSpec(bit=4, group_size=64))
     run = SimpleNamespace(config=cfg, results=records, stages=[{"stage": "load model", "seconds": 2.0, "peak_rss_mb": 100.0}], saved={}, device=torch.device("cpu"), checkpoint=None)
     rows = [{"layer": f"model.layers.{b}.{n}", "block": b, "name": n, "weight_rel_mse": e / 2, "output_rel_mse": e} for b, n, e in [(0, "q", 1e-3), (0, "down", 5e-2), (1, "q", 2e-3), (1, "down", 1e-2)]]
     text = render_markdown(run, rows, plot_note=None)
