@@ -304,12 +304,17 @@ def validate(data: dict[str, Any], source: str = "<config>", manager: PluginMana
     method = weight = special = scheme = None
     if quant is not None:
         many = len(quant.methods) > 1
-        classes = [_lookup(manager, problems, "method", n, f"quant.method.{i}" if many else "quant.method") for i, n in enumerate(quant.methods)]
+        classes = []
+        for i, n in enumerate(quant.methods):  # the first unknown name is the one line about the key
+            found = _lookup(manager, problems, "method", n, f"quant.method.{i}" if many else "quant.method")
+            if found is None:
+                break
+            classes.append(found)
         scheme = _scheme(quant, problems)
         weight = scheme.weight if scheme is not None else None
-        if None not in classes and many:
+        if len(classes) == len(quant.methods) and many:
             method, special = _recipe(classes, quant, problems)
-        elif None not in classes:
+        elif len(classes) == len(quant.methods):
             method = classes[0]
             special = problems.validate(method.Config, quant.special, "quant.special")
 
