@@ -16,8 +16,7 @@ from llmc_core.errors import LlmcError
 from llmc_core.quant import QuantSpec
 from llmc_core.quant.fake import fake_quantize, quantize_weight
 from llmc_core.run import Run
-from llmc_core import hookimpl
-from llmc_core.testing import read_results, registered, run_cli, run_config, save_tiny_llama, tiny_llama, write_config
+from llmc_core.testing import StopAfterBlock, read_results, registered, run_cli, run_config, save_tiny_llama, tiny_llama, write_config
 from llmc_plugins.methods.gptq import Gptq
 from llmc_plugins.methods.gptq.method import GptqConfig
 from llmc_plugins.methods.gptq.solver import Hessian, gptq_quantize, inverse_factor
@@ -450,18 +449,6 @@ def test_quant_out_false_keeps_the_float_block_until_quantize(tiny_model_dir, ti
     assert len(rows) == 14 and all(r["output_rel_mse"] is not None and r["output_rel_mse"] > 0 for r in rows)
 
 
-class _StopAfterBlock:
-    """A lifecycle plugin: Ctrl-C right after block ``index`` is finished (and checkpointed)."""
-
-    def __init__(self, index: int):
-        self.index = index
-
-    @hookimpl
-    def llmc_block_done(self, run, index, block):
-        if index == self.index:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("quant_out", [True, False])
 def test_interrupted_run_resumes_to_the_same_model(quant_out, tmp_path, tiny_text_file):
     """With quant_out the blocks are quantized as they finish; without it the solved integer
@@ -481,7 +468,7 @@ def test_interrupted_run_resumes_to_the_same_model(quant_out, tmp_path, tiny_tex
     ref_cfg, ref_out = config("ref")
     assert run_cli("run", str(ref_cfg), "-q").exit_code == 0
     cfg, out = config("stopped")
-    with registered(_StopAfterBlock(0), name="test:stop_after_block"):
+    with registered(StopAfterBlock(0), name="test:stop_after_block"):
         stopped = run_cli("run", str(cfg), "-q")
     assert stopped.exit_code == 130 and "1 block(s) kept" in stopped.stderr, stopped.stderr
     resumed = run_cli("run", str(cfg), "--resume", "-q")

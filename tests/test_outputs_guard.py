@@ -18,7 +18,7 @@ import pytest
 
 from llmc_core import hookimpl
 from llmc_core.errors import LlmcError
-from llmc_core.testing import read_results, registered, run_cli, run_config, save_tiny_llama, write_config
+from llmc_core.testing import StopAfterBlock, read_results, registered, run_cli, run_config, save_tiny_llama, write_config
 from llmc_plugins.methods.rtn import Rtn
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -259,13 +259,6 @@ class _Plugin:
 CALIB_PLUGIN = _Plugin()  # one object: registering it again while registered is a no-op
 
 
-class _StopAfterBlock:
-    @hookimpl
-    def llmc_block_done(self, run, index, block):
-        if index == 0:
-            raise KeyboardInterrupt
-
-
 @pytest.fixture
 def calib_method():
     with registered(CALIB_PLUGIN, name="test:calib_rtn"):
@@ -279,7 +272,7 @@ def _interrupted(tmp_path, model, corpus, name="out"):
     cfg["eval"]["num_samples"] = 1
     cfg["save"] = {"save_path": str(out), "save_fake": True, "checkpoint_blocks": True}
     path = write_config(tmp_path / f"{name}.yml", cfg)
-    with registered(_StopAfterBlock(), name="test:stop_after_block"):
+    with registered(StopAfterBlock(0), name="test:stop_after_block"):
         res = run_cli("run", str(path), "-q")
     assert res.exit_code == 130 and "1 block(s) kept" in res.stderr, res.stderr
     return path, out

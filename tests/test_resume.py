@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from llmc_core import hookimpl
 from llmc_core.api import Method, NoOptions
-from llmc_core.testing import read_results, registered, run_cli, run_config, save_tiny_llama, write_config
+from llmc_core.testing import StopAfterBlock, read_results, registered, run_cli, run_config, save_tiny_llama, write_config
 
 # A calibration method whose result depends on the block inputs (an AWQ-like input scale folded
 # into the norm) and on the random-number state (a little noise in the scale), so a resume is only
@@ -192,18 +192,6 @@ def test_nan_weights_after_transform_name_block_and_layer(tmp_path, plugin, mode
     assert json.loads((out / ".checkpoints" / "manifest.json").read_text())["blocks_done"] == 1
 
 
-class _StopAfterBlock:
-    """A lifecycle plugin: Ctrl-C right after block ``index`` is finished (and checkpointed)."""
-
-    def __init__(self, index: int):
-        self.index = index
-
-    @hookimpl
-    def llmc_block_done(self, run, index, block):
-        if index == self.index:
-            raise KeyboardInterrupt
-
-
 def test_awq_with_deferred_clipping_resumes_exactly(tmp_path, model4, tiny_text_file):
     """AWQ keeps scales and (clip_version v2) clipping ranges on the method object between blocks;
     the checkpoint must carry them for the resumed quantization to be identical."""
@@ -223,7 +211,7 @@ def test_awq_with_deferred_clipping_resumes_exactly(tmp_path, model4, tiny_text_
     ref_cfg, ref_out = config("ref")
     assert run_cli("run", str(ref_cfg), "-q").exit_code == 0
     cfg, out = config("stopped")
-    with registered(_StopAfterBlock(1), name="test:stop_after_block"):
+    with registered(StopAfterBlock(1), name="test:stop_after_block"):
         stopped = run_cli("run", str(cfg), "-q")
     assert stopped.exit_code == 130 and "2 block(s) kept" in stopped.stderr, stopped.stderr
     resumed = run_cli("run", str(cfg), "--resume", "-q")

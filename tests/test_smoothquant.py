@@ -12,7 +12,7 @@ from llmc_core import config, hookimpl
 from llmc_core.api import Method, NoOptions
 from llmc_core.errors import LlmcError
 from llmc_core.run import Run
-from llmc_core.testing import FAMILY_CONFIGS, block_context, read_results, registered, run_cli, run_config, save_tiny_llama, tiny_model, write_config, write_corpus
+from llmc_core.testing import FAMILY_CONFIGS, StopAfterBlock, block_context, read_results, registered, run_cli, run_config, save_tiny_llama, tiny_model, write_config, write_corpus
 from llmc_plugins.methods.smoothquant import SmoothQuant, SmoothQuantConfig
 
 
@@ -186,16 +186,6 @@ def test_gptq_special_awq_points_to_the_recipe(tiny_model_dir, corpus, tmp_path)
     assert "quant.method: [Awq, GPTQ]" in res.stderr and "quant.special.Awq" in res.stderr, res.stderr
 
 
-class _StopAfterBlock:
-    def __init__(self, index):
-        self.index = index
-
-    @hookimpl
-    def llmc_block_done(self, run, index, block):
-        if index == self.index:
-            raise KeyboardInterrupt
-
-
 def test_a_recipe_resumes_to_the_uninterrupted_result(tmp_path, corpus):
     from safetensors.torch import load_file
 
@@ -209,7 +199,7 @@ def test_a_recipe_resumes_to_the_uninterrupted_result(tmp_path, corpus):
     ref_cfg, ref_out = cfg_for("ref")
     assert run_cli("run", str(ref_cfg), "-q").exit_code == 0
     cfg, out = cfg_for("stopped")
-    with registered(_StopAfterBlock(1), name="test:stop_after_block_recipe"):
+    with registered(StopAfterBlock(1), name="test:stop_after_block_recipe"):
         stopped = run_cli("run", str(cfg), "-q")
     assert stopped.exit_code == 130 and "2 block(s) kept" in stopped.stderr, stopped.stderr
     resumed = run_cli("run", str(cfg), "--resume", "-q")

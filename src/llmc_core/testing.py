@@ -32,6 +32,8 @@ from typing import Any
 
 import pytest
 
+from llmc_core import hookimpl
+
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven wizards quietly hex many bold jocks "
     "and river stones glitter under pale moon light as old ships sail toward distant harbors"
@@ -251,6 +253,19 @@ def registered(module: Any, name: str | None = None, distribution: str = "test")
         yield manager
     finally:
         manager.unregister(name)
+
+
+class StopAfterBlock:
+    """A lifecycle plugin that presses Ctrl-C right after block ``index`` is finished (and kept by
+    the block checkpoint): register it with :func:`registered` to interrupt a run, then resume it."""
+
+    def __init__(self, index: int = 0):
+        self.index = index
+
+    @hookimpl
+    def llmc_block_done(self, run: Any, index: int, block: Any) -> None:
+        if index == self.index:
+            raise KeyboardInterrupt
 
 
 @dataclass
