@@ -313,7 +313,7 @@ def validate(data: dict[str, Any], source: str = "<config>", manager: PluginMana
         scheme = _scheme(quant, problems)
         weight = scheme.weight if scheme is not None else None
         if len(classes) == len(quant.methods) and many:
-            method, special = _recipe(classes, quant, problems)
+            method, special = _recipe(classes, quant, problems, manager)
         elif len(classes) == len(quant.methods):
             method = classes[0]
             special = problems.validate(method.Config, quant.special, "quant.special")
@@ -359,19 +359,16 @@ def _scheme(quant: QuantSection, problems: _Problems) -> Scheme | None:
     return None if lines else scheme
 
 
-def _recipe(classes: list[type], quant: QuantSection, problems: _Problems) -> tuple[type | None, Any]:
+def _recipe(classes: list[type], quant: QuantSection, problems: _Problems, manager: PluginManager) -> tuple[type | None, Any]:
     """``quant.method: [A, B, ...]``: the recipe class and its options (each method's ``special``
-    under its name, defaults where absent)."""
+    under its name, as the registry resolves ``quant.method``'s names; defaults where absent)."""
     from llmc_core.recipe import RecipeOptions, recipe_class
-
-    def index(key: str) -> int | None:
-        k = key.lower()
-        return next((i for i, c in enumerate(classes) if k == c.name.lower() or k in (a.lower() for a in c.aliases)), None)
 
     raw: dict[int, tuple[str, Any]] = {}
     listed = ", ".join(f"quant.special.{n}" for n in quant.methods)
     for key, value in quant.special.items():
-        i = index(str(key))
+        found = manager.find("method", str(key))
+        i = next((i for i, c in enumerate(classes) if c is found), None)
         if i is None:
             problems.add(f"quant.special.{key}: with quant.method: [{', '.join(quant.methods)}] each method's options go under its name ({listed}); '{key}' names none of them.")
         else:

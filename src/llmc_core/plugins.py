@@ -152,13 +152,18 @@ class PluginManager:
         """Primary names (aliases excluded) registered for ``kind``."""
         return sorted({e.name for e in self.registries()[kind].values()})
 
+    def find(self, kind: str, name: str) -> type | None:
+        """The class registered as ``name`` (or one of its aliases, case-insensitively) for
+        ``kind``, or None."""
+        entry = self.registries()[kind].get(str(name).lower())
+        return None if entry is None else entry.cls
+
     def get(self, kind: str, name: str, where: str) -> type:
         """The class registered as ``name`` for ``kind``, or a clear error naming ``where``."""
-        reg = self.registries()[kind]
-        entry = reg.get(str(name).lower())
-        if entry is None:
+        found = self.find(kind, name)
+        if found is None:
             raise unknown_name(KIND_LABELS.get(kind, kind), name, where, self.names(kind))
-        return entry.cls
+        return found
 
     def path_keys(self) -> tuple[str, ...]:
         """Every registered plugin's ``path_keys``: config keys whose values are file paths."""
