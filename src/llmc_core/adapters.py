@@ -215,6 +215,19 @@ class ModelAdapter:
             groups += found
         return groups
 
+    def check_linear_groups(self, method: str) -> None:
+        """Raise :class:`~llmc_core.errors.LlmcError` (one line) unless every block's linear groups
+        resolve: what a method that scales a group against the op before it (AWQ, SmoothQuant) needs."""
+        from llmc_core.errors import LlmcError
+
+        try:
+            for block in self.blocks():
+                self.linear_groups(block)
+        except NotImplementedError as exc:
+            raise LlmcError(f"quant.method: {method} needs the model's linear groups, and {exc}. Use a supported model.type (llmc plugins lists them) or quant.method: RTN.") from exc
+        except (KeyError, ValueError) as exc:
+            raise LlmcError(f"quant.method: {method} cannot resolve the model family's layer mappings: {exc}. The model.type does not fit this checkpoint; use model.type: auto, or quant.method: RTN.") from exc
+
     def _resolve(self, row: LayerMapping, block: Any, names: list[str]) -> list[LinearGroup]:
         prev_base, sep, part = row.prev.partition(":")
         bindings = list(dict.fromkeys(m for n in names if (m := _match(prev_base, n)) is not None)) if "*" in prev_base else [()]

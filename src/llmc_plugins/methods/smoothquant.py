@@ -76,19 +76,13 @@ class SmoothQuant(Method):
     name = "smoothquant"
     Config = SmoothQuantConfig
 
-    def __init__(self, options: SmoothQuantConfig, weight: Any):
-        super().__init__(options, weight)
-
     @classmethod
     def accepts(cls, scheme: Any) -> list[str]:
         return []  # a float transform; the rounding (RTN alone) is llmc_core.quant's, activations the runner's
 
     def check_model(self, adapter: Any) -> None:
         super().check_model(adapter)
-        if not type(adapter).mappings:
-            from llmc_core.errors import LlmcError
-
-            raise LlmcError(f"SmoothQuant needs the family's layer groups (which norm or layer feeds which layers); {type(adapter).__name__} has none. Use RTN or GPTQ for this model.")
+        adapter.check_linear_groups("SmoothQuant")
 
     def transform_block(self, ctx: Any) -> None:
         import torch

@@ -179,14 +179,7 @@ class Awq(Method):
 
     def check_model(self, adapter: Any) -> None:
         super().check_model(adapter)
-        blocks = adapter.blocks()
-        try:
-            for block in blocks:
-                adapter.linear_groups(block)
-        except NotImplementedError as exc:
-            raise LlmcError(f"quant.method: AWQ needs the model's linear groups, and {exc}. Use a supported model.type (llmc plugins lists them) or quant.method: RTN.") from exc
-        except (KeyError, ValueError) as exc:
-            raise LlmcError(f"quant.method: AWQ cannot resolve the model family's layer mappings: {exc}. The model.type does not fit this checkpoint; use model.type: auto, or quant.method: RTN.") from exc
+        adapter.check_linear_groups("AWQ")
 
     def transform_block(self, ctx: Any) -> None:
         import torch
