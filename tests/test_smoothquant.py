@@ -126,6 +126,7 @@ def test_smoothquant_then_gptq_runs_as_one_recipe(tiny_model_dir, corpus, tmp_pa
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [t["method"] for t in results["recipe"]] == ["smoothquant", "gptq"] and all(t["seconds"] > 0 for t in results["recipe"])
     assert "smoothquant+gptq transform" in [s["stage"].lower() for s in results["stages"]]
+    assert not any("whole-model" in s["stage"] for s in results["stages"])  # neither method has one
     assert "recipe: smoothquant (" in (tmp_path / "out" / "report.md").read_text()
 
 

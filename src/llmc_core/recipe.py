@@ -47,12 +47,12 @@ class Recipe(Method):
     def __init__(self, options: RecipeOptions, weight: Any):
         super().__init__(options, weight)
         self.steps = [cls(opts, weight) for cls, opts in zip(self.methods, options.steps)]
-        self.seconds = {i: 0.0 for i in range(len(self.steps))}  # step index -> seconds in its block calls
+        self.seconds = [0.0] * len(self.steps)  # per method: seconds in its block calls
 
     # The run's scheme reaches every method of the recipe.
     @property
     def scheme(self) -> Any:
-        return self.steps[-1].scheme if getattr(self, "steps", None) else None
+        return self.steps[-1].scheme
 
     @scheme.setter
     def scheme(self, value: Any) -> None:
@@ -98,7 +98,7 @@ class Recipe(Method):
     def quantize_block(self, ctx: Any) -> dict[str, Any]:
         start = time.perf_counter()
         out = self.steps[-1].quantize_block(ctx)
-        self.seconds[len(self.steps) - 1] += time.perf_counter() - start
+        self.seconds[-1] += time.perf_counter() - start
         return out
 
     def finish(self, overwrite: bool) -> None:
@@ -124,8 +124,7 @@ class Recipe(Method):
 
 def recipe_class(methods: list[type[Method]]) -> type[Method]:
     """The :class:`Recipe` of ``methods`` in that order (a class, as ``quant.method`` resolves to)."""
-    return type(
-        "Recipe",
-        (Recipe,),
-        {"methods": tuple(methods), "name": "+".join(m.name for m in methods), "needs_calibration": any(m.needs_calibration for m in methods), "Config": RecipeOptions, "__doc__": Recipe.__doc__},
-    )
+    attrs = {"methods": tuple(methods), "name": "+".join(m.name for m in methods), "needs_calibration": any(m.needs_calibration for m in methods), "Config": RecipeOptions, "__doc__": Recipe.__doc__}
+    if all(m.transform_model is Method.transform_model for m in methods):
+        attrs["transform_model"] = Method.transform_model  # no whole-model step: the run skips that stage
+    return type("Recipe", (Recipe,), attrs)

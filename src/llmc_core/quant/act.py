@@ -162,7 +162,7 @@ class Observer:
         self.kv_amax: dict[str, dict[str, torch.Tensor]] = {}
 
     def _keep(self, table: dict[str, torch.Tensor], key: str, x: torch.Tensor, spec: Any) -> None:
-        if getattr(spec, "calib_algo", "minmax") == "mse":
+        if spec.calib_algo == "mse":
             from llmc_core.quant.fake import act_mse_threshold
 
             n = x[..., 0].numel()
