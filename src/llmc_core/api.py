@@ -266,6 +266,15 @@ class Saver(Plugin):
             return []
         return [f"this format stores integer weights only, not {scheme.describe()}. Save with save_fake or save_vllm instead."]
 
+    @classmethod
+    def fit_scheme(cls, scheme: Scheme) -> Scheme:
+        """The scheme the run quantizes on so that this format stores it exactly: ``scheme`` itself
+        (the default), or one on a narrower grid the format needs (GGUF: float16 scales and mins).
+        Called at validation, before :meth:`accepts`, for savers of the ``fake_quant`` position;
+        it may only narrow the grid (every saver's fit is applied in turn), never change the
+        bits, granularity or activation scheme the user asked for."""
+        return scheme
+
     def check(self, run_config: Any) -> None:
         """Raise :class:`~llmc_core.errors.LlmcError` if the run's settings cannot be saved."""
 

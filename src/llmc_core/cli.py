@@ -67,13 +67,21 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logging.getLogger("llmc").setLevel(level)
 
 
+def _fitted(cfg) -> bool:
+    """A saver narrowed the weight spec the config wrote (e.g. GGUF's float16 grid)."""
+    from llmc_core.quant.spec import QuantSpec
+
+    raw = (cfg.raw.get("quant") or {}).get("weight")
+    return isinstance(raw, dict) and QuantSpec.model_validate(raw) != cfg.scheme.weight
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from llmc_core import config
 
     cfg = config.load(args.config, args.overrides)
     what = f"method {cfg.quant.method_name} ({cfg.scheme.describe()})" if cfg.quant else "no quantization"
     print(f"{args.config}: OK — model {cfg.raw['model']['type']}, {what}, {len(cfg.evals)} evaluation(s).")
-    if cfg.scheme is not None and (cfg.scheme.preset or not cfg.scheme.weight_only):  # the scheme as the run will use it
+    if cfg.scheme is not None and (cfg.scheme.preset or not cfg.scheme.weight_only or _fitted(cfg)):  # the scheme as the run will use it
         import yaml
 
         print(yaml.safe_dump({"quant": cfg.scheme.as_dict()}, sort_keys=False).rstrip())

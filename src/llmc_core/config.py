@@ -320,6 +320,10 @@ def validate(data: dict[str, Any], source: str = "<config>", manager: PluginMana
 
     save = problems.validate(_save_model(manager), data["save"], "save") if data.get("save") is not None else None
     savers = [manager.get("saver", n, "save") for n in manager.names("saver") if save is not None and getattr(save, f"save_{n}")]
+    for saver in savers:  # e.g. GGUF's float16 scales and mins: the methods quantize on the grid the file stores
+        if scheme is not None and saver.position != "transformed":
+            scheme = saver.fit_scheme(scheme)
+            weight = scheme.weight
 
     cfg = RunConfig(source, data, base, model_cfg, family, calib, evals, quant, method, weight, special, save, savers, resume=resume, scheme=scheme)
     if resume and save is None:

@@ -145,7 +145,14 @@ def _stored_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if getattr(spec, "scale_dtype", "float32") != "float16":
         return scale
     # Rounded before the zero point and the codes are computed, so fake == exported, bit for bit.
-    return scale.clamp(max=65504.0).to(torch.float16).float().clamp(min=2.0**-24)
+    if getattr(spec, "zero_dtype", "int") != "float16":
+        return scale.clamp(max=65504.0).to(torch.float16).float().clamp(min=2.0**-24)
+    # A float16 min ``-zero * scale`` (zero < 2^bit) is exact when the scale is a multiple of
+    # ``u = 2^(e + bit - 10)`` (``2^e <= scale``; at least float16's smallest step 2^-24): the
+    # product is then a multiple of u below ``2^(e + bit + 1)``, where float16's step is at most u.
+    _, exp = torch.frexp(scale.clamp(min=2.0**-24, max=60000.0))
+    step = torch.exp2((exp - 1 + spec.bit - 10).clamp(min=-24).float())
+    return (scale / step).round().clamp(min=1) * step
 
 
 def quantize_grouped(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None = None) -> torch.Tensor:

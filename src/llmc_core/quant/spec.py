@@ -37,6 +37,12 @@ class QuantSpec(StrictModel):
       bit), ``e4m3`` (FP4 only: NVFP4's FP8 group scales under one float32 global scale per tensor;
       the default for ``e2m1`` with group size 16) or ``e8m0`` (FP4 only: the OCP MX power-of-two
       scales; the default for ``e2m1`` with group size 32).
+    - ``zero_dtype``: how an asymmetric spec's zero point is stored: ``int`` (default: an integer
+      code, as compressed-tensors and AWQ store it) or ``float16``: as the float16 offset ``m =
+      -zero * scale`` a GGUF Q4_1 / Q5_1 block stores (``w = q * scale + m``). It needs
+      ``scale_dtype: float16``, whose scales are then rounded to ``11 - bit`` significant bits so
+      that ``m`` is exact in float16 for every zero point: the stored block dequantizes to the
+      fake-quantized weight bit for bit. ``save_gguf`` sets both for the spec it writes.
     - ``static`` (activations): one per-tensor scale calibrated on the calibration data in the
       block pass, instead of scales computed from each input at run time. With NVFP4 activations
       (``e2m1``, ``scale_dtype: e4m3``) the global scale is static and the group scales dynamic.
@@ -57,6 +63,7 @@ class QuantSpec(StrictModel):
     group_size: int | None = None
     block_size: list[int] | None = None
     scale_dtype: Literal["float32", "float16", "e4m3", "e8m0"] = "float32"
+    zero_dtype: Literal["int", "float16"] = "int"
     calib_algo: Literal["minmax", "mse"] = "minmax"
     static: bool = False
     use_qtorch: bool = False
@@ -115,6 +122,8 @@ class QuantSpec(StrictModel):
                     raise ValueError(f"scale_dtype: {self.scale_dtype} is FP4's group scale (bit: e2m1, granularity: per_group)")
             elif self.scale_dtype == "float16":
                 raise ValueError("scale_dtype: float16 is for integer formats (AWQ GEMM); float formats keep float32 scales")
+        if self.zero_dtype == "float16" and (self.is_float or self.symmetric or self.scale_dtype != "float16"):
+            raise ValueError("zero_dtype: float16 (GGUF's float16 min) is for asymmetric integer specs with scale_dtype: float16")
         if self.granularity == "per_group" and self.group_size in (None, -1):
             raise ValueError("granularity 'per_group' needs a group_size (e.g. 128, or 64 when 128 does not divide the hidden size)")
         if self.granularity not in ("per_group",) and self.group_size not in (None, -1):

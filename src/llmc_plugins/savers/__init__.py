@@ -69,9 +69,11 @@ class SaveFake(Saver):
 @hookimpl
 def llmc_register_savers(register):
     from llmc_plugins.savers.awq import SaveAwq
+    from llmc_plugins.savers.gguf import SaveGguf
     from llmc_plugins.savers.vllm import SaveVllm
 
     register(SaveTrans)
     register(SaveFake)
     register(SaveAwq)
     register(SaveVllm)
+    register(SaveGguf)
