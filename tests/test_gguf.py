@@ -200,3 +200,29 @@ def test_zero_dtype_float16_needs_an_asymmetric_float16_spec():
 def test_gguf_run_keeps_its_fake_quant_ppl(tmp_path):
     out = _run(tmp_path, "llama", "Q4_0")
     assert ("fake_quant", "ppl", "custom", "perplexity") in read_results(out)
+
+
+def test_export_writes_the_same_file_from_a_fake_quant_folder_and_refuses_one_off_the_grid(tmp_path):
+    out = _run(tmp_path, "llama", "Q4_1")
+    first = (out / "gguf_model" / "model.gguf").read_bytes()
+    result = run_cli("export", str(out), "--to", "gguf", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert _gguf_weights(out / "gguf_model" / "model.gguf").keys() == _gguf_weights_from_bytes(tmp_path, first).keys()
+    for name, (kind, w) in _gguf_weights(out / "gguf_model" / "model.gguf").items():
+        kind0, w0 = _gguf_weights_from_bytes(tmp_path, first)[name]
+        assert kind == kind0 and np.array_equal(w, w0), name
+    # a run without save_gguf quantized on float32 scales: its folder is refused before any work
+    model_dir = save_tiny_model(tmp_path / "plain", "llama")
+    cfg = run_config(model_dir, tmp_path / "corpus.txt", tmp_path / "plain_out", eval_pos=())
+    cfg["save"]["save_fake"] = True
+    assert run_cli("run", str(write_config(tmp_path / "plain.yml", cfg))).exit_code == 0
+    result = run_cli("export", str(tmp_path / "plain_out"), "--to", "gguf")
+    assert result.exit_code == 2 and "run the config again with save.save_gguf: true" in result.stderr, result.stderr
+    assert not (tmp_path / "plain_out" / "gguf_model").exists()
+
+
+def _gguf_weights_from_bytes(tmp_path, data):
+    path = tmp_path / "first.gguf"
+    if not path.exists():
+        path.write_bytes(data)
+    return _gguf_weights(path)

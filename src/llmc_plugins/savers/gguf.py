@@ -33,7 +33,10 @@ class SaveGguf(Saver):
     def accepts(cls, scheme):
         from llmc_plugins.savers.gguf_format import type_problems
 
-        return [f"{p}." for p in type_problems(scheme)]
+        problems = [f"{p}." for p in type_problems(scheme)]
+        if not problems and cls.fit_scheme(scheme) != scheme:  # ``llmc export`` of a model quantized without save_gguf
+            problems.append(f"the weights were quantized on {scheme.weight.scale_dtype} scales{'' if scheme.weight.symmetric else ' and integer zero points'}, not on the float16 grid a GGUF block stores; run the config again with save.save_gguf: true (the run then quantizes on that grid).")
+        return problems
 
     @classmethod
     def fit_scheme(cls, scheme):
