@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from llmc_core.adapters import ModelAdapter
     from llmc_core.blockwise import BlockContext
+    from llmc_core.preflight import ModelShapes, Part
     from llmc_core.quant import QuantSpec
     from llmc_core.quant.scheme import Scheme
     from llmc_core.results import EvalRecord
@@ -148,6 +149,14 @@ class Method(Plugin):
         """Raise :class:`~llmc_core.errors.LlmcError` if the run's settings cannot work, e.g. a file
         the method would write exists and ``save.overwrite`` is false. Called at validation."""
 
+    @classmethod
+    def memory(cls, shapes: ModelShapes, options: BaseModel, samples: int, seq_len: int) -> list[Part]:
+        """What one block's ``transform_block`` holds at its peak besides the runner's (the block's
+        inputs and outputs, one forward slice), for the memory preflight (:mod:`llmc_core.preflight`),
+        from the model's ``shapes`` and this rank's ``samples`` calibration samples of ``seq_len`` tokens: e.g. kept layer
+        inputs, Hessians, search buffers. Called before the model loads; no torch. Default: nothing."""
+        return []
+
     def check_model(self, adapter: ModelAdapter) -> None:
         """Raise :class:`~llmc_core.errors.LlmcError` if the method cannot handle this model."""
         from llmc_core.quant import check_divisible
@@ -209,6 +218,13 @@ class Evaluator(Plugin):
     def evaluate(self, state: RunState, config: Any, position: str) -> list[EvalRecord]:
         """Evaluate ``state.model`` and return one record per metric."""
         raise NotImplementedError
+
+    @classmethod
+    def memory(cls, shapes: ModelShapes, config: Any, again: bool = False) -> list[Part]:
+        """What one evaluation holds besides the model's weights (e.g. logits), for the memory
+        preflight (:mod:`llmc_core.preflight`), from the model's ``shapes``; ``again``: this
+        section was measured before in the run (what it cached then is not made again). Default: nothing."""
+        return []
 
 
 class Step(Plugin):

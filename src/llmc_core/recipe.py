@@ -64,6 +64,12 @@ class Recipe(Method):
         return [f"{m.name} in the recipe: {p}" for m in cls.methods for p in m.accepts(scheme)]
 
     @classmethod
+    def memory(cls, shapes: Any, options: RecipeOptions, samples: int, seq_len: int) -> list[Any]:
+        """The largest of the methods' own: they work on the block one after another."""
+        each = [m.memory(shapes, opts, samples, seq_len) for m, opts in zip(cls.methods, options.steps)]
+        return max(each, key=lambda parts: sum(p.bytes for p in parts), default=[])
+
+    @classmethod
     def check(cls, run_config: Any) -> None:
         problems = []
         for i, m in enumerate(cls.methods):

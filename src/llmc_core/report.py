@@ -57,6 +57,7 @@ def render_markdown(state: RunState, layer_rows: list[dict[str, Any]], plot_note
     out += _table(("position", "evaluator", "dataset", "metric", "value", "seconds"), [(r.position, r.evaluator, r.dataset, r.metric, r.shown_value(), f"{r.seconds:.1f}") for r in others]) if others else ["None in this run."]
     out += ["", "## Time and peak memory per stage", ""]
     out += _stage_table(state.stages)
+    out += _memory_line(getattr(state, "memory_summary", None))
     out += ["", "## Quantization error per layer", ""]
     out += _layer_section(layer_rows)
     out += ["", "## Quantized and skipped weights", ""]
@@ -162,6 +163,19 @@ def _stage_table(stages: list[dict[str, Any]]) -> list[str]:
     rows = [(s["stage"], f"{s['seconds']:.1f}", f"{s['peak_rss_mb']:.0f}") + ((f"{s.get('peak_cuda_mb', 0):.0f}",) if cuda else ()) for s in stages]
     rows.append(("**total**", f"{sum(s['seconds'] for s in stages):.1f}", f"{max(s['peak_rss_mb'] for s in stages):.0f}") + (("",) if cuda else ()))
     return _table(header, rows)
+
+
+def _memory_line(summary: Any) -> list[str]:
+    """The preflight's estimate beside the measured peaks (``Run.memory_summary``), when there is one."""
+    found = summary() if callable(summary) else None
+    if not found or found.get("measured_peak_rss_mb") is None:
+        return []
+    est, measured = found["estimate"], found["measured_peak_rss_mb"]
+    top = ", ".join(f"{k} {v:.0f}" for k, v in sorted(est["host_parts_mb"].items(), key=lambda kv: -kv[1])[:4])
+    line = f"Memory preflight (docs/memory.md): estimated host peak {est['host_mb']:.0f} MB during {est['host_stage']} ({top}); measured {measured:.0f} MB ({(est['host_mb'] - measured) / measured:+.0%})"
+    if "device_mb" in est:
+        line += f"; estimated device peak {est['device_mb']:.0f} MB, measured {found.get('measured_peak_cuda_mb', 0):.0f} MB"
+    return ["", line + "."]
 
 
 def layer_metric(rows: list[dict[str, Any]]) -> str:

@@ -19,7 +19,7 @@ from llmc_core import __version__
 from llmc_core.api import DOWNSTREAM, Method
 from llmc_core.checkpoint import Checkpoint, NoCheckpoint
 from llmc_core.config import POSITIONS, RunConfig
-from llmc_core.errors import LlmcError
+from llmc_core.errors import LlmcError, first_line
 from llmc_core.layer_error import LayerErrors
 from llmc_core.memory import peak_rss_mb, release_heap, reset_peak_rss
 from llmc_core.plugins import PluginManager, get_manager
@@ -61,6 +61,7 @@ class Run:
         self.cache: dict[Any, Any] = {}  # e.g. tokenized eval text, shared by positions
         self.output: Any = None  # the held save_path (llmc_core.outlock.OutputFolder) while the run executes
         self.kept_outputs: list[str] = []  # entries of an earlier run left in save_path (save.overwrite: true)
+        self.memory_estimate: Any = None  # the preflight's (llmc_core.preflight.Estimate), made before the model loads
 
     @property
     def scheme(self) -> Any:
@@ -123,6 +124,7 @@ class Run:
         self._seed(cfg.base.seed)
         if cfg.needs_calibration:  # an empty or unreadable file fails before the model loads
             self.calib_rows = self.read_calibration_rows()
+        self.preflight()
         with self.stage("load model"):
             self.load_model()
         if cfg.method is not None:  # fail on a spec the model cannot take before any work
@@ -163,8 +165,6 @@ class Run:
     # -- the work ------------------------------------------------------------------------------
 
     def load_model(self) -> None:
-        import torch
-
         family = self.config.model_family()
         try:
             self.model, self.tokenizer = family.load(self.config.model)
@@ -174,8 +174,35 @@ class Run:
             raise LlmcError(f"model.path: {self.config.model.path} could not be loaded as a {self.config.raw['model']['type']} model ({first}). Give a Hugging Face model folder with config.json, a .gguf file, or pkg:<package>/<file>.") from exc
         self.model.eval()
         self.adapter = family.adapter(self.model)
+        self.device = self._pick_device()
+
+    def _pick_device(self) -> Any:
+        import torch
+
         dev = self.config.base.device
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev)
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev)
+
+    def preflight(self) -> None:
+        """Estimate the run's peak host and device memory from the model's config alone, log it,
+        and refuse a run that cannot fit before the model loads (:mod:`llmc_core.preflight`). A
+        config that cannot be read skips the estimate: loading the model then says what is wrong."""
+        from llmc_core import preflight as pf
+
+        try:
+            model_config = pf.read_model_config(self.config.model)
+            device = self._pick_device()
+            est = pf.estimate(self.config, model_config, device.type)
+        except Exception as exc:  # noqa: BLE001 - an estimate never stops a run that could load
+            log.info("memory estimate skipped (%s)", first_line(exc))
+            return
+        self.memory_estimate = est
+        log.info("memory estimate: %s", est.describe())
+        device_free = None
+        if device.type == "cuda":
+            import torch
+
+            device_free = torch.cuda.mem_get_info(device)[0]
+        pf.check(est, pf.available_host(), device_free, pf.resident_bytes())
 
     def _check_model_fits(self) -> None:
         """Each saver's model check (e.g. packed int4 formats need plain linear layers) and
@@ -374,10 +401,23 @@ class Run:
             extra = {"config": self.config.source, "llmc_version": __version__, "stages": self.stages, "layer_errors": layers, "kept_from_earlier_run": self.kept_outputs}
             if hasattr(self.method, "timings"):  # a recipe: each method's seconds in the block pass
                 extra["recipe"] = self.method.timings()
+            if self.memory_estimate is not None:
+                extra["memory"] = self.memory_summary()
             write_json(out / "results.json", self.results, extra)
             from llmc_core.report import write_report
 
             write_report(self, out)
+
+    def memory_summary(self) -> dict[str, Any] | None:
+        """The preflight's estimate beside the measured peaks (the largest stage peaks), in MB;
+        None without an estimate."""
+        if self.memory_estimate is None:
+            return None
+        out = {"estimate": self.memory_estimate.as_dict(), "measured_peak_rss_mb": max((s["peak_rss_mb"] for s in self.stages), default=None)}
+        cuda = [s["peak_cuda_mb"] for s in self.stages if "peak_cuda_mb" in s]
+        if cuda:
+            out["measured_peak_cuda_mb"] = max(cuda)
+        return out
 
     @staticmethod
     def _seed(seed: int) -> None:

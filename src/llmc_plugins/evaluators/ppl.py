@@ -47,6 +47,29 @@ class Perplexity(Evaluator):
     name = "ppl"
     Config = PplConfig
 
+    @classmethod
+    def memory(cls, shapes, config, again=False):
+        """The head's logits over ``HEAD_CHUNK`` positions of ``bs`` windows (float32) three times
+        (the logits, the log-softmax, the loss's temporaries), one layer's forward activations on
+        ``bs × seq_len`` tokens, and tokenizing the text (measured: about 100 bytes per byte of
+        the text file, while the token ids are made; not ``again``: they are cached)."""
+        import os
+
+        from llmc_core.preflight import Part
+
+        fix = "a smaller eval.bs or eval.seq_len"
+        positions = min(HEAD_CHUNK, config.seq_len - 1)
+        tokens = config.bs * config.seq_len
+        try:
+            text = os.path.getsize(config.path) if config.path and not again else 0
+        except OSError:
+            text = 0
+        return [
+            Part("eval logits", 3 * config.bs * positions * shapes.vocab * 4, fix=fix),
+            Part("eval forward", tokens * (3 * shapes.mlp_width + 4 * shapes.hidden) * shapes.dtype_bytes, fix=fix),
+            Part("eval text", 100 * text, "host"),
+        ]
+
     def evaluate(self, state, config, position):
         import torch
 

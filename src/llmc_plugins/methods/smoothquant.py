@@ -77,6 +77,20 @@ class SmoothQuant(Method):
     Config = SmoothQuantConfig
 
     @classmethod
+    def memory(cls, shapes: Any, options: SmoothQuantConfig, samples: int, seq_len: int) -> list[Any]:
+        """Besides the block's inputs and outputs: one ``|x|`` copy of a layer input per forward
+        slice (the maxima themselves are a few KB); with ``alpha_search`` a copy of the block and
+        the trial's outputs on ``search_tokens`` tokens."""
+        from llmc_core.preflight import FORWARD_TOKENS, Part
+
+        tokens = samples * seq_len
+        parts = [Part("SmoothQuant |x|", min(tokens, FORWARD_TOKENS) * shapes.mlp_width * 4)]
+        if options.alpha_search:
+            search = min(tokens, options.search_tokens)
+            parts.append(Part("SmoothQuant search", shapes.block_params() * shapes.dtype_bytes + search * shapes.hidden * shapes.dtype_bytes, fix="quant.special.SmoothQuant.search_tokens smaller, or alpha_search: false"))
+        return parts
+
+    @classmethod
     def accepts(cls, scheme: Any) -> list[str]:
         return []  # a float transform; the rounding (RTN alone) is llmc_core.quant's, activations the runner's
 

@@ -175,6 +175,27 @@ class Awq(Method):
         self.scales: dict[str, Any] = {}
         self.clips: dict[str, Any] = {}
 
+    @classmethod
+    def memory(cls, shapes: Any, options: AwqConfig, samples: int, seq_len: int) -> list[Any]:
+        """Besides the block's inputs and outputs: the recorded calls and outputs of the attention
+        and MLP (``search_tokens`` tokens, ``tokens × hidden`` each), the outputs' joined copy when
+        a batch runs in several chunks, the search's forwards on chunks of 8192 tokens (the runner's
+        take 4096), ``XᵀX`` of o_proj's and down_proj's inputs and a few candidate copies of down_proj."""
+        from llmc_core.preflight import FORWARD_TOKENS, Part
+        from llmc_plugins.methods.awq.capture import CHUNK_TOKENS
+
+        act, h, tokens = shapes.dtype_bytes, shapes.hidden, samples * seq_len
+        chunk = max(seq_len, CHUNK_TOKENS // seq_len * seq_len) if options.awq_bs is None else options.awq_bs * seq_len
+        recorded = tokens if options.search_tokens is None else min(tokens, -(-options.search_tokens // chunk) * chunk)
+        one_call = 3 * shapes.mlp_width + 4 * h
+        return [
+            Part("AWQ recorded calls", 4 * recorded * h * act, fix="a smaller quant.special.search_tokens"),
+            Part("AWQ joined outputs", tokens * h * act if tokens > chunk else 0),
+            Part("AWQ search slice", max(0, min(tokens, chunk) - min(tokens, FORWARD_TOKENS)) * one_call * act, fix="quant.special.awq_bs (samples per search forward)"),
+            Part("AWQ Gram matrices", (shapes.attn_width**2 + shapes.widest_input**2) * 4, fix="a machine with more memory"),
+            Part("AWQ candidates", 2 * 4 * shapes.widest_input * h * 4, fix="a machine with more memory"),
+        ]
+
     # -- runner hooks ----------------------------------------------------------------------------
 
     def check_model(self, adapter: Any) -> None:

@@ -22,6 +22,10 @@ UNSUPPORTED = {
     "awq": "AWQ before GPTQ is a recipe now: write quant.method: [Awq, GPTQ] with AWQ's options under quant.special.Awq and GPTQ's under quant.special.GPTQ",
 }
 
+# What to change when the solver's float32 matrices do not fit (they do not shrink with the data).
+HESSIAN_FIX = "a machine or device with more memory (the solver's float32 matrices do not shrink with calib settings)"
+
+
 class GptqConfig(StrictModel):
     """``quant.special`` for ``method: GPTQ`` (see :class:`Gptq` for each field)."""
 
@@ -175,6 +179,24 @@ class Gptq(Method):
             problems.append(f"eval.eval_pos: real_quant: {why}, or measure fake_quant.")
         if problems:
             raise LlmcError(*problems)
+
+    @classmethod
+    def memory(cls, shapes: Any, options: GptqConfig, samples: int, seq_len: int) -> list[Any]:
+        """Besides the block's inputs and outputs: the kept o_proj output (``tokens × hidden``) and
+        down_proj input (``tokens × intermediate``) of the passes, the Hessians (float32 ``in × in``;
+        four alive while the widest layer is solved, or every set's at once without
+        ``true_sequential``) and the solved layer's float32 copies (weight, codes)."""
+        from llmc_core.preflight import Part
+
+        act, tokens = shapes.dtype_bytes, samples * seq_len  # forward_dtype below the model's halves these; the estimate keeps the upper bound
+        widest = shapes.widest_input
+        ins = [shapes.hidden, shapes.attn_width, shapes.hidden, widest]
+        hessians = 4 * widest**2 * 4 if options.true_sequential else (sum(i * i for i in ins) + 3 * widest**2) * 4
+        return [
+            Part("GPTQ kept inputs", tokens * (shapes.hidden + shapes.mlp_width) * act),
+            Part("GPTQ Hessians", hessians, fix=HESSIAN_FIX if options.true_sequential else "quant.special.true_sequential: true (one input set's Hessian at a time)"),
+            Part("GPTQ layer copies", 3 * widest * max(shapes.hidden, shapes.mlp_width) * 4, fix=HESSIAN_FIX),
+        ]
 
     # -- runner hooks ----------------------------------------------------------------------------
 
