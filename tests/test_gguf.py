@@ -226,3 +226,33 @@ def _gguf_weights_from_bytes(tmp_path, data):
     if not path.exists():
         path.write_bytes(data)
     return _gguf_weights(path)
+
+
+def test_signed_scale_puts_each_group_peak_on_the_longer_end_and_cuts_the_error():
+    from llmc_core.quant.fake import fake_quantize, quantize_weight
+    from llmc_core.quant.spec import QuantSpec
+
+    w = torch.randn(256, 128)
+    kw = {"symmetric": True, "granularity": "per_group", "group_size": 32, "scale_dtype": "float16"}
+    for bit in (4, 5, 8):
+        signed = quantize_weight(w, QuantSpec(bit=bit, signed_scale=True, **kw))
+        plain = quantize_weight(w, QuantSpec(bit=bit, **kw))
+        groups = w.reshape(256, 4, 32)
+        peak = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))[..., 0]
+        codes = signed.codes.reshape(256, 4, 32).gather(-1, groups.abs().argmax(-1, keepdim=True))[..., 0]
+        assert (codes == -(2 ** (bit - 1))).all()  # the peak is the code range's longer end
+        assert torch.equal(signed.scales < 0, peak > 0)
+        assert torch.equal(signed.dequantize(), fake_quantize(w, QuantSpec(bit=bit, signed_scale=True, **kw)))
+        ratio = ((signed.dequantize() - w) ** 2).sum() / ((plain.dequantize() - w) ** 2).sum()
+        assert ratio < ((2 ** (bit - 1) - 1) / 2 ** (bit - 1)) ** 2 + 0.05, (bit, ratio)  # the step shrinks by (2^(b-1) - 1) / 2^(b-1)
+
+
+def test_signed_scales_are_refused_by_formats_that_store_positive_ones(tmp_path, tiny_model_dir, tiny_text_file):
+    cfg = run_config(tiny_model_dir, tiny_text_file, tmp_path / "o", bit=4, symmetric=True)
+    cfg["save"].update(save_gguf=True, save_vllm=True, save_awq=True)
+    result = run_cli("validate", str(write_config(tmp_path / "c.yml", cfg)))
+    assert result.exit_code == 2
+    assert "save.save_vllm: the weights are quantized with signed scales" in result.stderr
+    assert "save.save_awq: the weights are quantized with signed scales" in result.stderr
+    cfg["save"].update(save_vllm=False, save_awq=False)
+    assert run_cli("validate", str(write_config(tmp_path / "c.yml", cfg))).exit_code == 0

@@ -219,8 +219,8 @@ def test_export_from_fake_only_equals_the_run_saves(tiny_model_dir, tiny_text_fi
 def test_export_refuses_what_it_cannot_do(tiny_model_dir, tiny_text_file, tmp_path, llmc_cli):
     out = tmp_path / "out"
     _run(tiny_model_dir, tiny_text_file, out, save=("save_fake",), bit=4, group_size=32)
-    res = llmc_cli("export", str(out), "--to", "gguf")
-    assert res.exit_code == 2 and "--to gguf: llmc exports to awq, vllm" in res.stderr
+    res = llmc_cli("export", str(out), "--to", "onnx")
+    assert res.exit_code == 2 and "--to onnx: llmc exports to awq, gguf, vllm" in res.stderr, res.stderr
     res = llmc_cli("export", str(tmp_path / "nothing"), "--to", "vllm")
     assert res.exit_code == 2 and "no fake_quant_model/" in res.stderr
 

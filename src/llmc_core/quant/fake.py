@@ -56,7 +56,11 @@ def qparams(wg: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None = No
         return _float_qparams(wg, spec, max_val, global_amax)
     if spec.symmetric:
         amax = wg.abs().amax(dim=-1, keepdim=True) if max_val is None else max_val
-        scale = _stored_scale(amax.clamp(min=1e-5) / spec.qmax, spec)
+        if getattr(spec, "signed_scale", False):  # the group's peak lands on qmin, the longer end
+            peak = wg.gather(-1, wg.abs().argmax(dim=-1, keepdim=True))
+            scale = _stored_scale(torch.where(peak > 0, -1.0, 1.0) * amax.clamp(min=1e-5) / -spec.qmin, spec)
+        else:
+            scale = _stored_scale(amax.clamp(min=1e-5) / spec.qmax, spec)
         return scale, torch.zeros_like(scale)
     hi = wg.amax(dim=-1, keepdim=True) if max_val is None else max_val
     lo = wg.amin(dim=-1, keepdim=True) if min_val is None else min_val
@@ -141,9 +145,12 @@ def codes_dtype(spec: QuantSpec) -> torch.dtype:
 
 
 def _stored_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``scale`` as the export format stores it (``spec.scale_dtype``), kept in float32."""
+    """``scale`` as the export format stores it (``spec.scale_dtype``), kept in float32; a
+    negative (``signed_scale``) scale is rounded by its magnitude."""
     if getattr(spec, "scale_dtype", "float32") != "float16":
         return scale
+    if getattr(spec, "signed_scale", False):
+        return torch.where(scale < 0, -1.0, 1.0) * scale.abs().clamp(max=65504.0).to(torch.float16).float().clamp(min=2.0**-24)
     # Rounded before the zero point and the codes are computed, so fake == exported, bit for bit.
     if getattr(spec, "zero_dtype", "int") != "float16":
         return scale.clamp(max=65504.0).to(torch.float16).float().clamp(min=2.0**-24)

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 
+SIGNED_SCALE = "the weights are quantized with signed scales (quant.weight.signed_scale, the grid save_gguf sets for Q4_0 / Q5_0 / Q8_0), which only GGUF stores; save this format from a run without save_gguf"
+
+
 def awq_problems(bit: int, granularity: str, group_size: int | None) -> list[str]:
     """Why a weight spec cannot be written in the AWQ GEMM layout (empty list: it can).
 
@@ -38,6 +41,8 @@ def real_quant_problems(scheme: Any) -> list[str]:
     schemes are measured at ``fake_quant``.
     """
     w = scheme.weight
+    if getattr(w, "signed_scale", False):
+        return [SIGNED_SCALE]
     if scheme.weight_only and not w.is_float:
         return awq_problems(w.bit, w.granularity, w.group_size)
     if scheme.act is not None and w.num_bits == 8 and scheme.act.num_bits == 8:

