@@ -12,17 +12,20 @@ built there first if missing):
    HF tokenizer and the windows joined into ``OUT/calib.txt``. llama-imatrix reads text only, so
    it tokenizes the join again and cuts it into 512-token chunks (``-c 512``): nearly the same
    windows, not bit for bit (a merge can cross a window's edge), and its log says how many
-   tokens it found. It writes ``OUT/imatrix.gguf``;
+   tokens it found. It writes ``OUT/imatrix-SAMPLES.gguf``;
 3. per ``--types`` type, ``llama-quantize`` from ``f32.gguf``, without and with ``--imatrix``;
-4. per llmc method (RTN, AWQ, GPTQ: the quick-start configs) and type, ``llmc run`` with
-   ``save.save_gguf=true`` and no evaluation, on the HF folder, the type's weight spec set key by
-   key (so GPTQ keeps its ``calib_algo``, AWQ its clipping), the same calibration draw (128 x 512
-   ``random_window``) and ``model.tokenizer_path=OUT/f32.gguf``, so the file carries llama.cpp's
-   own tokenizer, and llama-perplexity reads the same tokens from every file. A run that fails
-   (e.g. a type llmc does not write) is a row with the last line of its error;
+4. per llmc method (RTN, AWQ, GPTQ: the quick-start configs) and type, ``llmc run`` into
+   ``OUT/llmc_METHOD_TYPE[_nSAMPLES]`` with ``save.save_gguf=true`` and no evaluation, on the HF
+   folder, the type's weight spec set key by key (so GPTQ keeps its ``calib_algo``, AWQ its
+   clipping), the same calibration draw (``--samples`` x 512 ``random_window``) and
+   ``model.tokenizer_path=OUT/f32.gguf``: the file carries llama.cpp's own tokenizer, so
+   llama-perplexity reads the same tokens from every file (transformers reads the same ids from
+   that tokenizer as from the HF folder's). A run that fails (e.g. a type llmc does not write
+   yet) is a row with the last line of its error;
 5. every file (F32, llama.cpp's, llmc's) through ``llama-perplexity -f wiki.test.raw -c --ctx``
-   (``--chunks``: the first N chunks; llama-perplexity scores the second half of each chunk);
-   its log gives the final PPL estimate and the file's bits per weight (file size x 8 / params);
+   (``--chunks``: the first N chunks; llama-perplexity scores the second half of each chunk):
+   its final PPL estimate; the file's bits per weight are its tensors' bytes x 8 / parameters
+   (``gguf.GGUFReader``; the tokenizer and other metadata not counted);
 6. one markdown table (the CPU in its heading), kept with every row in ``OUT/rows.json``.
 
 ``make s`` is the wall time of the command that made the file: ``convert_hf_to_gguf.py`` (F32),
@@ -44,9 +47,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 from llamacpp_build import build  # noqa: E402
 from peers import calibration_ids, convert, cpu_name, llmc  # noqa: E402
+
+# This file is named gguf.py: without its folder on the path, ``import gguf`` finds the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LLMC_DATA", ROOT.parent / "shared" / "data"))
@@ -112,34 +119,42 @@ def calibration_text(out: Path, hf: Path, n_samples: int) -> Path:
 
 
 def perplexity(tools: dict, model: Path, text: Path, ctx: int, chunks: int | None, threads: int, log: Path, reuse: bool) -> dict:
-    """``llama-perplexity`` on ``model``: the final PPL estimate, its +/-, the file's BPW and params."""
+    """``llama-perplexity`` on ``model``: its final PPL estimate and the estimate's +/-."""
     if not (reuse and log.is_file() and "Final estimate" in log.read_text(errors="replace")):
         cmd = [tools["llama-perplexity"], "-m", model, "-f", text, "-c", ctx, "-t", threads]
         timed(cmd + (["--chunks", chunks] if chunks else []), log)
-    text_log = log.read_text(errors="replace")
-    final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", text_log)
-    size = re.search(r"file size\s*=\s*[\d.]+ \w+ \(([\d.]+) BPW\)", text_log)
-    params = re.search(r"model params\s*=\s*([\d.]+) ([KMB])", text_log)
-    scale = {"K": 1e3, "M": 1e6, "B": 1e9}
-    return {
-        "ppl": float(final.group(1)),
-        "ppl_err": float(final.group(2)),
-        "bpw": float(size.group(1)) if size else None,
-        "params": float(params.group(1)) * scale[params.group(2)] if params else None,
-    }
+    final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log.read_text(errors="replace"))
+    return {"ppl": float(final.group(1)), "ppl_err": float(final.group(2))}
+
+
+def weight_bits(model: Path) -> dict:
+    """The file's tensors: parameters, bits per weight (tensor bytes x 8 / parameters, metadata and
+    tokenizer not counted) and the count of tensors of each GGUF type."""
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(model).tensors
+    params = sum(int(t.n_elements) for t in tensors)
+    types: dict[str, int] = {}
+    for t in tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {"params": params, "bpw": sum(int(t.n_bytes) for t in tensors) * 8 / params, "tensor_types": types}
 
 
 def fallbacks(log: Path) -> list[str]:
-    """llama-quantize's lines on tensors it could not give the asked type (row size not a multiple
-    of the type's block), each once."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if "fallback" in line.lower()]
-    return sorted(set(re.sub(r"^\[\s*\d+/\s*\d+\]\s*", "", line) for line in lines))
+    """llama-quantize's fallbacks: tensors whose rows it could not cut into the asked type's blocks
+    (e.g. 576 columns for a 256-wide K-quant), as "q4_K -> q5_0: 30 x attn_q, ..." per pair."""
+    found = re.findall(r"(\S+)\s+- ncols\s+\d+ not divisible by \d+ \(required for type\s+(\w+)\) -> falling back to\s+(\w+)", log.read_text(errors="replace"))
+    pairs: dict[tuple[str, str], dict[str, int]] = {}
+    for tensor, wanted, used in found:
+        kind = re.sub(r"^blk\.\d+\.", "", tensor).removesuffix(".weight")
+        counts = pairs.setdefault((wanted, used), {})
+        counts[kind] = counts.get(kind, 0) + 1
+    return [f"{w} -> {u}: " + ", ".join(f"{n} x {k}" for k, n in counts.items()) for (w, u), counts in pairs.items()]
 
 
-def llmc_file(method: str, qtype: str, out: Path, hf: Path, f32: Path, n_samples: int) -> float:
-    """``llmc run`` of ``method`` writing ``qtype`` as ``OUT/llmc_METHOD_TYPE/gguf_model/model.gguf``;
-    returns its wall seconds."""
-    save = out / f"llmc_{method}_{qtype}"
+def llmc_file(method: str, qtype: str, save: Path, hf: Path, f32: Path, n_samples: int) -> float:
+    """``llmc run`` of ``method`` writing ``qtype`` as ``SAVE/gguf_model/model.gguf`` (its log:
+    ``SAVE.log``); returns its wall seconds."""
     overrides = [
         f"model.path={hf}",
         "model.type=llama",
@@ -155,7 +170,7 @@ def llmc_file(method: str, qtype: str, out: Path, hf: Path, f32: Path, n_samples
         overrides += [f"calib.n_samples={n_samples}", "calib.preproc=random_window"]
     start = time.perf_counter()
     try:
-        llmc([str(CONFIGS[method]), *overrides], out / f"llmc_{method}_{qtype}.log")
+        llmc([str(CONFIGS[method]), *overrides], save.with_name(save.name + ".log"))
     except SystemExit as failed:
         lines = [line.strip() for line in str(failed).splitlines() if line.strip()]
         raise RuntimeError(lines[-1] if lines else "failed") from None
@@ -179,7 +194,7 @@ def table(rows: list[dict]) -> None:
             print(f"| {r['type']:<6} | {r['tool']:<17} | {'':>5} | {'':>7} | not run: {r['error']} | {'':>6} |")
             continue
         ppl = f"{r['ppl']:.3f} ± {r['ppl_err']:.3f}"
-        bpw = f"{r['bpw']:.2f}" if r["bpw"] else "?"
+        bpw = f"{r['bpw']:.2f}" if r.get("bpw") else "?"
         print(f"| {r['type']:<6} | {r['tool']:<17} | {bpw:>5} | {r['size_mb']:>7.1f} | {ppl:>16} | {r['seconds']:>6.1f} |")
 
 
@@ -207,9 +222,9 @@ def main() -> None:
     ppl_tag = f"c{args.ctx}-n{args.chunks or 'all'}"
 
     f32 = out / "f32.gguf"
-    made.make(f32, lambda: timed([tools["python"], tools["convert"], hf, "--outtype", "f32", "--outfile", f32], out / "convert.log"))
+    f32_s = made.make(f32, lambda: timed([tools["python"], tools["convert"], hf, "--outtype", "f32", "--outfile", f32], out / "convert.log"))
     calib = calibration_text(out, hf, args.samples)
-    imatrix = out / "imatrix.gguf"
+    imatrix = out / f"imatrix-{args.samples}.gguf"
     imatrix_s = made.make(imatrix, lambda: timed([tools["llama-imatrix"], "-m", f32, "-f", calib, "-c", CALIB_LEN, "-o", imatrix, "-t", args.threads], out / "imatrix.log"))
 
     rows: list[dict] = []
@@ -219,13 +234,14 @@ def main() -> None:
         try:
             path, seconds = make()
             row = {"type": qtype, "tool": tool, "file": str(path), "size_mb": path.stat().st_size / 1e6, "seconds": seconds}
+            row.update(weight_bits(path))
             row.update(perplexity(tools, path, wiki, args.ctx, args.chunks, args.threads, path.with_suffix(f".ppl-{ppl_tag}.log"), args.reuse))
         except RuntimeError as failed:
             row = {"type": qtype, "tool": tool, "error": str(failed)}
         rows.append(row)
         progress(rows, out)
 
-    measured("F32", "llama.cpp convert", lambda: (f32, made.make(f32, None)))
+    measured("F32", "llama.cpp convert", lambda: (f32, f32_s))
     notes: dict[str, list[str]] = {}
     for qtype in args.types:
         for tool, extra in (("llama.cpp", []), ("llama.cpp+imatrix", ["--imatrix", imatrix])):
@@ -242,17 +258,21 @@ def main() -> None:
     for method in args.methods:
         for qtype in args.types:
             def llmc_make(method=method, qtype=qtype):
-                target = out / f"llmc_{method}_{qtype}" / "gguf_model" / "model.gguf"
-                return target, made.make(target, lambda: llmc_file(method, qtype, out, hf, f32, args.samples))
+                save = out / (f"llmc_{method}_{qtype}" + ("" if method == "RTN" else f"_n{args.samples}"))
+                target = save / "gguf_model" / "model.gguf"
+                return target, made.make(target, lambda: llmc_file(method, qtype, save, hf, f32, args.samples))
 
             measured(qtype, f"llmc {method}", llmc_make)
 
     chunks = f"first {args.chunks} chunks" if args.chunks else "all chunks"
-    print(f"SmolLM2-135M-Instruct (F32 GGUF from {hf}) on {cpu_name()}; llama.cpp {tools['commit']} ({tools['version']});")
+    print(f"SmolLM2-135M-Instruct (F32 GGUF from {hf}) on {cpu_name()}; llama.cpp {tools['commit']} (vendored by {Path(tools['sdist']).name.removesuffix('.tar.gz')});")
     print(f"llama-perplexity on WikiText-2 test, -c {args.ctx}, {chunks}; imatrix: {args.samples}x{CALIB_LEN} C4 windows (llmc's random_window draw), made in {imatrix_s:.0f} s, not counted in make s")
     table(rows)
     for where, lines in notes.items():
         print(f"llama-quantize {where}: " + "; ".join(lines))
+    for r in rows:
+        if "tensor_types" in r:
+            print(f"tensors of {r['type']} {r['tool']}: " + ", ".join(f"{n} {t}" for t, n in sorted(r["tensor_types"].items())))
     print(f"total {time.perf_counter() - start:.0f} s; outputs in {out}")
 
 

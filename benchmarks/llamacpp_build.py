@@ -189,8 +189,9 @@ def main() -> None:
     print(f"llama.cpp commit {info['commit']} ({info['version']})")
     for name in (*TOOLS, "python", "convert"):
         print(f"{name:>16}: {info[name]}")
+    recorded = json.loads((args.dest.resolve() / "build.json").read_text())["seconds"]
     print("seconds this run: " + ", ".join(f"{k} {v:.0f}" for k, v in info["seconds"].items()))
-    print(f"first build's seconds: {json.loads((args.dest.resolve() / 'build.json').read_text())['seconds']}")
+    print("seconds of the runs that did each step: " + ", ".join(f"{k} {v:.0f}" for k, v in recorded.items()))
 
 
 if __name__ == "__main__":
