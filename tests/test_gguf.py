@@ -17,25 +17,24 @@ SPECS = {t: {"bit": b, "symmetric": s, "granularity": "per_group", "group_size":
 
 
 def _grid_codes(qtype: str, rows: int = 6, cols: int = 64, seed: int = 0):
-    """Random codes over the whole range, float16 scales, and (asymmetric) zero points whose min is exact in float16."""
+    """Random codes over the whole range, float16 scales (signed for symmetric types) and
+    (asymmetric types) float16 mins."""
     bits, sym = TYPES[qtype]
     g = torch.Generator().manual_seed(seed)
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
     codes = torch.randint(lo, hi + 1, (rows, cols), generator=g).to(torch.int8 if sym else torch.uint8)
-    scales = torch.rand(rows, cols // 32, generator=g).mul(0.1).add(1e-3).half().float()
-    zeros = torch.zeros_like(scales) if sym else torch.randint(0, 2**bits, scales.shape, generator=g).float()
-    if not sym:  # a power of two keeps -zero * scale exact in float16
-        scales = torch.exp2(torch.round(torch.log2(scales)))
-    return codes, scales, zeros
+    scales = (torch.rand(rows, cols // 32, generator=g) - 0.5).mul(0.2).half().float()
+    mins = torch.zeros_like(scales) if sym else torch.randn(scales.shape, generator=g).half().float()
+    return codes, scales if sym else scales.abs(), mins
 
 
 @pytest.mark.parametrize("qtype", list(TYPES))
 def test_blocks_dequantize_to_llmc_values_with_the_gguf_package(qtype):
-    codes, scales, zeros = _grid_codes(qtype)
-    blocks = pack_blocks(codes.numpy(), scales.numpy(), zeros.numpy(), qtype)
+    codes, scales, mins = _grid_codes(qtype)
+    blocks = pack_blocks(codes.numpy(), scales.numpy(), mins.numpy(), qtype)
     assert blocks.shape == (6, 2 * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1])
     back = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype])
-    want = (codes.float() - zeros.repeat_interleave(32, 1)) * scales.repeat_interleave(32, 1)
+    want = codes.float() * scales.repeat_interleave(32, 1) + mins.repeat_interleave(32, 1)
     np.testing.assert_array_equal(back, want.numpy())
 
 
@@ -164,26 +163,32 @@ def test_a_block_off_the_grid_fails_closed(tmp_path):
     from llmc_plugins.savers.gguf_format import quantized_tensor
 
     w = torch.randn(4, 64)
-    off = quantize_weight(w, QuantSpec(bit=4, symmetric=False, granularity="per_group", group_size=32))  # float32 scales
+    off = quantize_weight(w, QuantSpec(bit=4, symmetric=False, granularity="per_group", group_size=32))  # float32 scales, integer zero points
     with pytest.raises(LlmcError, match="does not dequantize to llmc's weight"):
         quantized_tensor(off, "Q4_1")
     on = quantize_weight(w, QuantSpec(bit=4, symmetric=False, granularity="per_group", group_size=32, scale_dtype="float16", zero_dtype="float16"))
     assert quantized_tensor(on, "Q4_1").shape == (4, 2 * 20)
 
 
-def test_float16_min_grid_keeps_the_min_exact_and_the_fake_weight():
+def test_float16_min_is_the_group_min_and_recovers_weights_already_on_a_q4_1_grid():
     from llmc_core.quant.fake import fake_quantize, quantize_weight
     from llmc_core.quant.spec import QuantSpec
 
-    w = torch.randn(64, 128) * torch.logspace(-7, 1, 64)[:, None]  # scales from float16 subnormals up
+    g = torch.Generator().manual_seed(0)
     for bit in (4, 5):
-        spec = QuantSpec(bit=bit, symmetric=False, granularity="per_group", group_size=32, scale_dtype="float16", zero_dtype="float16")
-        qw = quantize_weight(w, spec)
-        m = -qw.zeros * qw.scales
-        assert torch.equal(m.half().float(), m) and torch.equal(qw.scales.half().float(), qw.scales)
-        assert torch.equal(qw.dequantize(), fake_quantize(w, spec))
-        err16 = (quantize_weight(w, QuantSpec(bit=bit, symmetric=False, granularity="per_group", group_size=32, scale_dtype="float16")).dequantize() - w).norm()
-        assert (qw.dequantize() - w).norm() < 1.02 * err16  # the shorter scale costs almost nothing
+        top = 2**bit - 1
+        codes = torch.randint(0, top + 1, (64, 4, 32), generator=g).float()
+        codes[..., 0], codes[..., 1] = 0, top  # every block spans the whole code range
+        d = torch.rand(64, 4, 1, generator=g).mul(0.05).add(1e-3).half().float()
+        m = torch.randn(64, 4, 1, generator=g).mul(0.1).half().float()
+        w = (codes * d + m).reshape(64, 128)  # SmolLM2's GGUF weights are such a grid (Q4_1, blocks of 32)
+        kw = {"bit": bit, "symmetric": False, "granularity": "per_group", "group_size": 32, "scale_dtype": "float16"}
+        qw = quantize_weight(w, QuantSpec(zero_dtype="float16", **kw))
+        assert torch.equal(qw.zeros, m[..., 0])  # the block's min, in float16
+        assert torch.equal(qw.dequantize(), w)  # the grid is found again exactly
+        assert torch.equal(qw.dequantize(), fake_quantize(w, QuantSpec(zero_dtype="float16", **kw)))
+        integer = quantize_weight(w, QuantSpec(**kw)).dequantize()
+        assert not torch.equal(integer, w)  # an integer zero point shifts the grid by up to half a step
 
 
 def test_zero_dtype_float16_needs_an_asymmetric_float16_spec():

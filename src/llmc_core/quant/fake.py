@@ -65,8 +65,23 @@ def qparams(wg: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None = No
     hi = wg.amax(dim=-1, keepdim=True) if max_val is None else max_val
     lo = wg.amin(dim=-1, keepdim=True) if min_val is None else min_val
     scale = _stored_scale((hi - lo).clamp(min=1e-5) / spec.qmax, spec)
+    if float_min(spec):  # the group's min itself, as a GGUF Q4_1 block stores it
+        return scale, lo.clamp(-65504.0, 65504.0).to(torch.float16).float()
     zero = torch.round(-lo / scale).clamp(spec.qmin, spec.qmax)
     return scale, zero
+
+
+def float_min(spec: QuantSpec) -> bool:
+    """``zero_dtype: float16``: ``zero`` holds the float16 min ``m`` (``w = q * scale + m``), not a code."""
+    return getattr(spec, "zero_dtype", "int") == "float16"
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, inplace: bool = False) -> torch.Tensor:
+    """Values of codes ``q`` (float32): ``(q - zero) * scale``, or ``q * scale + m`` with a float min;
+    ``inplace`` overwrites ``q``."""
+    if float_min(spec):
+        return q.mul_(scale).add_(zero) if inplace else q * scale + zero
+    return q.sub_(zero).mul_(scale) if inplace else (q - zero) * scale
 
 
 # ``calib_algo: mse``: shrink factors 1, 1 - 1/GRID, ... (MSE_STEPS of them), error norm NORM; the
@@ -100,7 +115,7 @@ def _mse_range(wg: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | Non
         p = 1 - i / MSE_GRID
         hi, lo = hi0 * p, lo0 * p
         scale, zero = qparams(wg, spec, hi, lo)
-        err = quantize_grouped(wg, scale, zero, spec, out=buf).sub_(zero).mul_(scale).sub_(wg).abs_().pow_(MSE_NORM)
+        err = dequantize_codes(quantize_grouped(wg, scale, zero, spec, out=buf), scale, zero, spec, inplace=True).sub_(wg).abs_().pow_(MSE_NORM)
         err = (err if importance is None else err.mul_(importance)).sum(dim=-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -152,14 +167,7 @@ def _stored_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if getattr(spec, "signed_scale", False):
         return torch.where(scale < 0, -1.0, 1.0) * scale.abs().clamp(max=65504.0).to(torch.float16).float().clamp(min=2.0**-24)
     # Rounded before the zero point and the codes are computed, so fake == exported, bit for bit.
-    if getattr(spec, "zero_dtype", "int") != "float16":
-        return scale.clamp(max=65504.0).to(torch.float16).float().clamp(min=2.0**-24)
-    # A float16 min ``-zero * scale`` (zero < 2^bit) is exact when the scale is a multiple of
-    # ``u = 2^(e + bit - 10)`` (``2^e <= scale``; at least float16's smallest step 2^-24): the
-    # product is then a multiple of u below ``2^(e + bit + 1)``, where float16's step is at most u.
-    _, exp = torch.frexp(scale.clamp(min=2.0**-24, max=60000.0))
-    step = torch.exp2((exp - 1 + spec.bit - 10).clamp(min=-24).float())
-    return (scale / step).round().clamp(min=1) * step
+    return scale.clamp(max=65504.0).to(torch.float16).float().clamp(min=2.0**-24)
 
 
 def quantize_grouped(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,6 +179,8 @@ def quantize_grouped(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
         q = float_round(torch.div(wg, scale, out=out), spec.bit)
         return q if out is None else out.copy_(q)
+    if float_min(spec):
+        return torch.sub(wg, zero, out=out).div_(scale).round_().clamp_(spec.qmin, spec.qmax)
     return torch.div(wg, scale, out=out).round_().add_(zero).clamp_(spec.qmin, spec.qmax)
 
 
@@ -182,7 +192,7 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None
         max_val, min_val = weight_range(wg, spec)
     scale, zero = qparams(wg, spec, max_val, min_val)
     q = quantize_grouped(wg, scale, zero, spec)
-    return ungroup((q - zero) * scale, w.shape, spec).to(w.dtype)
+    return ungroup(dequantize_codes(q, scale, zero, spec), w.shape, spec).to(w.dtype)
 
 
 @dataclass
@@ -213,11 +223,11 @@ class QuantizedWeight:
         out_f, in_f = codes.shape
         if self.g_idx is not None:
             idx = self.g_idx.to(codes.device)
-            w = (codes.float() - self.zeros.float()[:, idx]) * self.scales.float()[:, idx]
+            w = dequantize_codes(codes.float(), self.scales.float()[:, idx], self.zeros.float()[:, idx], self.spec)
             return w.to(dtype)
         wg = group_view(codes.float(), self.spec)
         rows = wg.shape[-2]
-        w = (wg - self.zeros.reshape(rows, 1).float()) * self.scales.reshape(rows, 1).float()
+        w = dequantize_codes(wg, self.scales.reshape(rows, 1).float(), self.zeros.reshape(rows, 1).float(), self.spec)
         return ungroup(w, (out_f, in_f), self.spec).to(dtype)
 
 
@@ -316,7 +326,7 @@ def quantize_columns(cols: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     :func:`column_qparams` (broadcast over the columns); the same operations as
     :func:`fake_quantize`, so equal inputs and parameters give bit-identical values."""
     q = quantize_grouped(cols.float(), scale, zero, spec)
-    return q, (q - zero) * scale
+    return q, dequantize_codes(q, scale, zero, spec)
 
 
 @torch.no_grad()
@@ -342,7 +352,7 @@ def fake_quantize_(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     wg = group_view(w, spec)
     scale, zero = qparams(wg, spec)
     q = quantize_grouped(wg, scale, zero, spec)
-    wg.copy_(q.sub_(zero).mul_(scale))
+    wg.copy_(dequantize_codes(q, scale, zero, spec, inplace=True))
     return w
 
 
@@ -361,7 +371,7 @@ def fake_quantize_act(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | No
     else:
         s, zero = qparams(wg, spec)
     q = quantize_grouped(wg, s, zero, spec)
-    return ungroup((q - zero) * s, x2.shape, spec).reshape(shape).to(x.dtype)
+    return ungroup(dequantize_codes(q, s, zero, spec), x2.shape, spec).reshape(shape).to(x.dtype)
 
 
 # ``calib_algo: mse`` for static activations: each observed input is searched on at most this many

@@ -11,6 +11,12 @@ from typing import Any
 
 
 SIGNED_SCALE = "the weights are quantized with signed scales (quant.weight.signed_scale, the grid save_gguf sets for Q4_0 / Q5_0 / Q8_0), which only GGUF stores; save this format from a run without save_gguf"
+FLOAT_MIN = "the weights are quantized with float16 mins (quant.weight.zero_dtype: float16, the grid save_gguf sets for Q4_1 / Q5_1), which only GGUF stores; save this format from a run without save_gguf"
+
+
+def gguf_grid_problems(spec: Any) -> list[str]:
+    """Why a weight spec on one of GGUF's own grids cannot be stored by a format of integer zero points and positive scales."""
+    return [SIGNED_SCALE] if getattr(spec, "signed_scale", False) else [FLOAT_MIN] if getattr(spec, "zero_dtype", "int") == "float16" else []
 
 
 def awq_problems(bit: int, granularity: str, group_size: int | None) -> list[str]:
@@ -41,8 +47,8 @@ def real_quant_problems(scheme: Any) -> list[str]:
     schemes are measured at ``fake_quant``.
     """
     w = scheme.weight
-    if getattr(w, "signed_scale", False):
-        return [SIGNED_SCALE]
+    if gguf_grid_problems(w):
+        return gguf_grid_problems(w)
     if scheme.weight_only and not w.is_float:
         return awq_problems(w.bit, w.granularity, w.group_size)
     if scheme.act is not None and w.num_bits == 8 and scheme.act.num_bits == 8:

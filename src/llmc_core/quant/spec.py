@@ -37,12 +37,11 @@ class QuantSpec(StrictModel):
       bit), ``e4m3`` (FP4 only: NVFP4's FP8 group scales under one float32 global scale per tensor;
       the default for ``e2m1`` with group size 16) or ``e8m0`` (FP4 only: the OCP MX power-of-two
       scales; the default for ``e2m1`` with group size 32).
-    - ``zero_dtype``: how an asymmetric spec's zero point is stored: ``int`` (default: an integer
-      code, as compressed-tensors and AWQ store it) or ``float16``: as the float16 offset ``m =
-      -zero * scale`` a GGUF Q4_1 / Q5_1 block stores (``w = q * scale + m``). It needs
-      ``scale_dtype: float16``, whose scales are then rounded to ``11 - bit`` significant bits so
-      that ``m`` is exact in float16 for every zero point: the stored block dequantizes to the
-      fake-quantized weight bit for bit. ``save_gguf`` sets both for the spec it writes.
+    - ``zero_dtype``: how an asymmetric spec's zero point is held: ``int`` (default: an integer
+      code, ``w = (q - zero) * scale``, as compressed-tensors and AWQ store it) or ``float16``: the
+      group's min itself, rounded to float16, ``w = q * scale + m``, as a GGUF Q4_1 / Q5_1 block
+      stores it (any float16 min, not only a multiple of the scale). Needs ``scale_dtype:
+      float16``; ``save_gguf`` sets both for asymmetric specs.
     - ``signed_scale`` (symmetric integer specs): each group's scale takes the sign that puts its
       largest-magnitude weight on the code range's longer end, ``-2^(b-1)`` (scale ``= peak /
       -2^(b-1)``, negative when the peak is positive), as GGUF's Q4_0 / Q5_0 / Q8_0 store it: one

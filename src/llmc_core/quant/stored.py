@@ -54,7 +54,10 @@ def recover_codes(weight: Any, qw: Any) -> Any:
         from llmc_core.quant.floats import float_round
 
         return float_round(weight.float() / scales, spec.bit).to(codes_dtype(spec))
-    q = torch.clamp(torch.round(weight.float() / scales) + zeros, spec.qmin, spec.qmax)
+    if getattr(spec, "zero_dtype", "int") == "float16":  # zeros hold the float16 min: w = q * scale + m
+        q = torch.clamp(torch.round((weight.float() - zeros) / scales), spec.qmin, spec.qmax)
+    else:
+        q = torch.clamp(torch.round(weight.float() / scales) + zeros, spec.qmin, spec.qmax)
     return q.to(codes_dtype(spec))
 
 
@@ -70,7 +73,9 @@ def write_qparams(folder: str | Path, model: Any, quantized: Mapping[str, Any], 
     need_codes = []
     for name, qw in quantized.items():
         tensors[f"{name}.scales"] = qw.scales.detach().float().cpu().contiguous()
-        if not qw.spec.symmetric:
+        if getattr(qw.spec, "zero_dtype", "int") == "float16":  # float16 mins, kept as they are
+            tensors[f"{name}.zeros"] = qw.zeros.detach().float().cpu().contiguous()
+        elif not qw.spec.symmetric:
             tensors[f"{name}.zeros"] = qw.zeros.detach().round().cpu().to(torch.uint8).contiguous()
         g_idx = getattr(qw, "g_idx", None)
         if g_idx is not None:

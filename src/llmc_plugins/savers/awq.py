@@ -28,10 +28,9 @@ class SaveAwq(Saver):
         w = scheme.weight
         if not scheme.weight_only or w.is_float:
             return [f"the AWQ GEMM format stores 4-bit integer weights only (W4A16), not {scheme.describe()}. Save it with save_vllm (compressed-tensors) or save_fake instead."]
-        from llmc_core.quant.rules import SIGNED_SCALE
+        from llmc_core.quant.rules import gguf_grid_problems
 
-        signed = [f"{SIGNED_SCALE}."] if w.signed_scale else []
-        return signed + [f"{p}. Save the fake-quantized model with save.save_fake instead, or change quant.weight." for p in awq_problems(w.bit, w.granularity, w.group_size)]
+        return [f"{p}." for p in gguf_grid_problems(w)] + [f"{p}. Save the fake-quantized model with save.save_fake instead, or change quant.weight." for p in awq_problems(w.bit, w.granularity, w.group_size)]
 
     def check_model(self, adapter):
         from llmc_core.errors import LlmcError

@@ -40,12 +40,10 @@ _STRATEGY = {"per_tensor": "tensor", "per_channel": "channel", "per_group": "gro
 
 def ct_problems(scheme: Any) -> list[str]:
     """Why a scheme cannot be written as a compressed-tensors folder (empty list: it can)."""
-    from llmc_core.quant.rules import SIGNED_SCALE
+    from llmc_core.quant.rules import gguf_grid_problems
 
-    out = []
     w, a, kv = scheme.weight, scheme.act, scheme.kv
-    if w.signed_scale:
-        out.append(SIGNED_SCALE)
+    out = gguf_grid_problems(w)
     if not w.is_float and w.bit not in BITS:
         out.append(f"the compressed-tensors export holds 4- or 8-bit integer weights, the widths vLLM's kernels run (quant.weight.bit is {w.bit})")
     for where, spec in (("quant.weight", w), ("quant.act", a), ("quant.kvcache", kv)):

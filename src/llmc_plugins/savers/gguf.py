@@ -17,7 +17,7 @@ class SaveGguf(Saver):
     ``quant.weight`` picks the type: ``bit: 4, symmetric: true, granularity: per_group,
     group_size: 32`` is Q4_0, asymmetric Q4_1; ``bit: 5`` Q5_0 / Q5_1; ``bit: 8, symmetric: true``
     Q8_0. With ``save_gguf`` on, the run quantizes on that type's grid by itself (float16 scales;
-    asymmetric specs: float16 mins ``-zero * scale``, exact), so llama.cpp dequantizes exactly
+    asymmetric specs: the float16 min of each block as Q4_1 stores it), so llama.cpp dequantizes exactly
     llmc's ``fake_quant`` weights. Layers llmc leaves in float (embeddings, norms, ``lm_head``)
     are float16 (norms and biases float32). Llama, Mistral, Qwen2 and Qwen3 models so far; the
     tokenizer comes from the source ``.gguf`` or from the Hugging Face tokenizer. Needs the

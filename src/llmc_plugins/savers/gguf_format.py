@@ -4,8 +4,8 @@
 A weight spec that one GGUF type stores is written as that type, from the codes and scales the
 method found (no re-quantization): ``Q4_0`` / ``Q5_0`` (symmetric, 32 per block, a float16 scale
 ``d``: ``w = (q - 2^(b-1)) d``), ``Q4_1`` / ``Q5_1`` (asymmetric: ``w = q d + m`` with a float16
-min ``m = -zero d``) and ``Q8_0`` (symmetric 8-bit). ``save_gguf`` makes the run quantize on
-exactly that grid (:meth:`SaveGguf.fit_scheme`: float16 scales, and mins exact in float16), so each
+min ``m``) and ``Q8_0`` (symmetric 8-bit). ``save_gguf`` makes the run quantize on
+exactly that grid (:meth:`SaveGguf.fit_scheme`: float16 scales; float16 mins, signed symmetric scales), so each
 block dequantizes to llmc's fake-quantized weight bit for bit; the writer checks that with the
 ``gguf`` package's own dequantizer before the file is kept (fails closed).
 
@@ -81,7 +81,7 @@ def model_problems(model: Any) -> list[str]:
 
 def pack_blocks(codes: Any, scales: Any, zeros: Any, qtype: str) -> Any:
     """``[rows, cols]`` codes (int8 symmetric, uint8 asymmetric), ``[rows, cols / 32]`` scales and
-    zero points -> ``[rows, bytes]`` uint8 in ``qtype``'s block layout (llama.cpp's ``block_q4_0``
+    (asymmetric) float16 mins -> ``[rows, bytes]`` uint8 in ``qtype``'s block layout (llama.cpp's ``block_q4_0``
     etc.: float16 ``d`` [, float16 ``m``] [, the fifth bits as a little-endian uint32], then
     element ``j`` of the block in the low nibble of byte ``j`` and element ``j + 16`` in its high one;
     Q8_0: the int8 codes)."""
@@ -97,7 +97,7 @@ def pack_blocks(codes: Any, scales: Any, zeros: Any, qtype: str) -> Any:
     q = (codes.astype(np.int16) + (1 << (bits - 1) if sym else 0)).astype(np.uint8).reshape(rows, nb, BLOCK)
     parts = [d]
     if not sym:
-        parts.append((-zeros.astype(np.float32) * scales.astype(np.float32)).astype(np.float16).reshape(rows, nb, 1).view(np.uint8))
+        parts.append(zeros.astype(np.float16).reshape(rows, nb, 1).view(np.uint8))  # the float16 min m
     if bits == 5:
         high = ((q >> 4) & 1).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)
         parts.append(high.sum(axis=-1, dtype=np.uint32).astype("<u4").reshape(rows, nb, 1).view(np.uint8))
