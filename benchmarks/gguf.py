@@ -34,6 +34,7 @@ loading, calibration, method, saving; no evaluation).
 
     python benchmarks/gguf.py --out /work/runs/gguf --hf /work/runs/schemes4/hf_model --chunks 4
     python benchmarks/gguf.py --out /work/runs/gguf --reuse     # rows already made and measured are kept
+    python benchmarks/gguf.py --out /tmp/gguf --chunks 4 --samples 32 --methods RTN   # a quick look
 """
 
 from __future__ import annotations
@@ -191,7 +192,8 @@ def table(rows: list[dict]) -> None:
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['type']:<6} | {r['tool']:<17} | {'':>5} | {'':>7} | not run: {r['error']} | {'':>6} |")
+            why = r["error"] if len(r["error"]) <= 100 else r["error"][:99] + "…"  # whole in rows.json
+            print(f"| {r['type']:<6} | {r['tool']:<17} | {'':>5} | {'':>7} | not run: {why} | {'':>6} |")
             continue
         ppl = f"{r['ppl']:.3f} ± {r['ppl_err']:.3f}"
         bpw = f"{r['bpw']:.2f}" if r.get("bpw") else "?"
