@@ -53,9 +53,6 @@ sys.path.insert(0, str(HERE))
 from llamacpp_build import build  # noqa: E402
 from peers import calibration_ids, convert, cpu_name, llmc  # noqa: E402
 
-# This file is named gguf.py: without its folder on the path, ``import gguf`` finds the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LLMC_DATA", ROOT.parent / "shared" / "data"))
 CONFIGS = {name: ROOT / "configs" / "quickstart" / f"{name.lower()}_w4g64_smollm2.yml" for name in ("RTN", "AWQ", "GPTQ")}
@@ -211,6 +208,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=2048, help="llama-perplexity's context")
     ap.add_argument("--chunks", type=int, default=None, help="llama-perplexity's first N chunks (default: all)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of llama.cpp's tools")
+    ap.add_argument("--embeddings", default="f16", help="llama-quantize's --token-embedding-type and --output-tensor-type (llmc's files keep the tensors it does not quantize in f16, so the same type compares the same size); 'auto': llama.cpp's own choice")
     ap.add_argument("--reuse", action="store_true", help="keep files already made in --out and PPLs already measured with the same --ctx/--chunks")
     args = ap.parse_args()
     os.environ.setdefault("LLMC_DATA", str(DATA))
@@ -246,8 +244,9 @@ def main() -> None:
     measured("F32", "llama.cpp convert", lambda: (f32, f32_s))
     notes: dict[str, list[str]] = {}
     for qtype in args.types:
-        for tool, extra in (("llama.cpp", []), ("llama.cpp+imatrix", ["--imatrix", imatrix])):
-            target = out / f"llamacpp_{qtype}{'_imatrix' if extra else ''}.gguf"
+        keep = [] if args.embeddings == "auto" else ["--token-embedding-type", args.embeddings, "--output-tensor-type", args.embeddings]
+        for tool, extra in (("llama.cpp", keep), ("llama.cpp+imatrix", [*keep, "--imatrix", imatrix])):
+            target = out / f"llamacpp_{qtype}{'_imatrix' if '--imatrix' in extra else ''}{'' if args.embeddings == 'auto' else '_emb-' + args.embeddings}.gguf"
             log = target.with_suffix(".log")
 
             def quantize(target=target, extra=extra, log=log):
