@@ -32,9 +32,9 @@ built there first if missing):
 ``llama-quantize`` (the imatrix's own time is in the heading), ``llmc run`` (process start,
 loading, calibration, method, saving; no evaluation).
 
-    python benchmarks/gguf.py --out /work/runs/gguf --hf /work/runs/schemes4/hf_model --chunks 4
-    python benchmarks/gguf.py --out /work/runs/gguf --reuse     # rows already made and measured are kept
-    python benchmarks/gguf.py --out /tmp/gguf --chunks 4 --samples 32 --methods RTN   # a quick look
+    python benchmarks/gguf_judge.py --out /work/runs/gguf --hf /work/runs/schemes4/hf_model --chunks 4
+    python benchmarks/gguf_judge.py --out /work/runs/gguf --reuse     # rows already made and measured are kept
+    python benchmarks/gguf_judge.py --out /tmp/gguf --chunks 4 --samples 32 --methods RTN   # a quick look
 """
 
 from __future__ import annotations

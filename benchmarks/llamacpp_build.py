@@ -1,5 +1,5 @@
 """llama.cpp's tools and Python bindings, built from the ``llama-cpp-python`` sdist on PyPI, for
-benchmarks that let llama.cpp judge GGUF files (``benchmarks/gguf.py``).
+benchmarks that let llama.cpp judge GGUF files (``benchmarks/gguf_judge.py``).
 
 The sdist vendors llama.cpp (``vendor/llama.cpp``: the C++ sources, ``convert_hf_to_gguf.py``
 and ``gguf-py``), so one download from PyPI gives both the tools and the bindings at the same
