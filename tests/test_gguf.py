@@ -58,7 +58,9 @@ def _run(tmp_path, model_type, qtype, method="rtn", special=None, **extra):
     cfg["save"].update(save_gguf=True, save_fake=True)
     result = run_cli("run", str(write_config(tmp_path / f"{model_type}_{qtype}_{method}.yml", cfg)))
     assert result.exit_code == 0, result.stderr[-3000:]
-    return tmp_path / f"out_{model_type}_{qtype}_{method}"
+    out = tmp_path / f"out_{model_type}_{qtype}_{method}"
+    assert sorted(p.name for p in (out / "gguf_model").iterdir()) == ["model.gguf"]  # no scratch left behind
+    return out
 
 
 def _gguf_weights(path):

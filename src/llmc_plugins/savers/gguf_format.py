@@ -21,7 +21,7 @@ special tokens and the chat template).
 from __future__ import annotations
 
 import json
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -230,11 +230,14 @@ def _tokenizer(writer: Any, tokenizer: Any, source_gguf: Path | None, cfg: Any) 
     for tok, i in vocab.items():
         tokens[i] = tok
         types[i] = gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-    with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(writer.path).parent / ".tokenizer"  # inside the saver's own temporary folder, removed here
+    try:
         tokenizer.save_pretrained(tmp)
-        model = json.loads((Path(tmp) / "tokenizer.json").read_text()).get("model", {}) if (Path(tmp) / "tokenizer.json").is_file() else {}
+        model = json.loads((tmp / "tokenizer.json").read_text()).get("model", {}) if (tmp / "tokenizer.json").is_file() else {}
         writer.add_tokenizer_model("gpt2" if model.get("type") == "BPE" else "none")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         gguf.SpecialVocab(tmp, load_merges=model.get("type") == "BPE").add_to_gguf(writer, quiet=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
